@@ -1,0 +1,192 @@
+"""Results of a benchmark or simulation: per-request records in, summary figures, tables and plots out.
+
+One schema for `kvrouter sim` and `kvrouter bench live` (issue #3, #7):
+`{"workload", "replicas", "results": {policy_spec: {"hit_rate", "logical_hit_rate", "ttft_mean_s",
+"ttft_p50_s", "ttft_p99_s", "e2e_mean_s", "throughput_tok_s", "imbalance", ...}}}`.
+
+- `hit_rate` is physical: prompt tokens the engines really served from cache over all prompt tokens.
+- `logical_hit_rate` is what an infinite cache shared by the whole fleet would have served: the
+  ceiling any router could reach. Their gap is the amnesia tax.
+- `imbalance` is max/mean busy time over replicas (1.0 is perfect balance).
+- Percentiles use the nearest-rank method on the completed requests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What happened to one request."""
+
+    request_id: str
+    replica: str
+    arrival_s: float
+    first_token_s: float
+    done_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    logical_cached_tokens: int
+    expected_cached_tokens: int
+    output_tokens: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        return self.done_s - self.arrival_s
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def summarize(
+    records: Sequence[RequestRecord],
+    busy_s: Mapping[str, float],
+    *,
+    makespan_s: float,
+    rejected: int = 0,
+) -> dict[str, Any]:
+    """The per-policy figures of the shared schema, from completed requests and replica busy times."""
+    prompt = sum(r.prompt_tokens for r in records)
+    ttfts = [r.ttft_s for r in records]
+    e2es = [r.e2e_s for r in records]
+    busy = list(busy_s.values())
+    mean_busy = sum(busy) / len(busy) if busy else 0.0
+    per_replica: dict[str, int] = dict.fromkeys(busy_s, 0)
+    for r in records:
+        per_replica[r.replica] = per_replica.get(r.replica, 0) + 1
+    output = sum(r.output_tokens for r in records)
+    return {
+        "requests": len(records),
+        "rejected": rejected,
+        "hit_rate": _ratio(sum(r.cached_tokens for r in records), prompt),
+        "logical_hit_rate": _ratio(sum(r.logical_cached_tokens for r in records), prompt),
+        "expected_hit_rate": _ratio(sum(r.expected_cached_tokens for r in records), prompt),
+        "ttft_mean_s": _mean(ttfts),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "e2e_mean_s": _mean(e2es),
+        "e2e_p99_s": percentile(e2es, 99),
+        "throughput_tok_s": output / makespan_s if makespan_s > 0 else 0.0,
+        "imbalance": max(busy) / mean_busy if mean_busy > 0 else 1.0,
+        "requests_per_replica": per_replica,
+    }
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+TABLE_COLUMNS = (
+    ("hit_rate", "hit", "{:.3f}"),
+    ("logical_hit_rate", "logical", "{:.3f}"),
+    ("ttft_mean_s", "TTFT mean s", "{:.3f}"),
+    ("ttft_p50_s", "p50 s", "{:.3f}"),
+    ("ttft_p99_s", "p99 s", "{:.3f}"),
+    ("e2e_mean_s", "e2e mean s", "{:.2f}"),
+    ("throughput_tok_s", "out tok/s", "{:,.0f}"),
+    ("imbalance", "imbalance", "{:.2f}"),
+)
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]], *, markdown: bool = False) -> str:
+    """A side-by-side table, one row per policy (plain text, or markdown for docs/BENCHMARKS.md)."""
+    header = ["policy", *(title for _, title, _ in TABLE_COLUMNS)]
+    rows = [header]
+    for spec, figures in results.items():
+        if "error" in figures:
+            rows.append([spec, f"did not run: {figures['error']}", *([""] * (len(TABLE_COLUMNS) - 1))])
+            continue
+        cells = [spec]
+        for key, _, fmt in TABLE_COLUMNS:
+            value = figures.get(key)
+            cells.append(
+                "-"
+                if value is None or (isinstance(value, float) and math.isnan(value))
+                else fmt.format(value)
+            )
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+
+
+def plot_results(
+    ttfts: Mapping[str, Sequence[float]],
+    results: Mapping[str, Mapping[str, Any]],
+    out_dir: Path,
+    *,
+    title: str,
+) -> list[Path]:
+    """PNG plots: TTFT CDF per policy, and physical vs logical hit rate per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for spec, values in ttfts.items():
+        if not values:
+            continue
+        ordered = sorted(values)
+        n = len(ordered)
+        ax.plot(ordered, [(i + 1) / n for i in range(n)], label=spec)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (s, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"TTFT CDF — {title}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out_dir / "ttft_cdf.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    specs = [s for s in results if "error" not in results[s]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = range(len(specs))
+    ax.bar([x - 0.2 for x in xs], [results[s]["hit_rate"] for s in specs], width=0.4, label="physical")
+    ax.bar([x + 0.2 for x in xs], [results[s]["logical_hit_rate"] for s in specs], width=0.4, label="logical")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(specs, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("prompt tokens served from cache")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Hit rate — {title}")
+    ax.legend()
+    path = out_dir / "hit_rate.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
