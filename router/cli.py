@@ -21,6 +21,7 @@ keeping the fleet's load balanced, and shows what the fleet pays for recomputing
 
 EPILOG = """\
 examples:
+  kvrouter sim --workload shared-prefix --replicas 8 --json reports/sim.json --plots reports/sim
   kvrouter bench index --blocks 1000000 --replicas 16 --json reports/index.json
 
 See README.md and docs/ for the architecture, benchmarks and operations."""
@@ -46,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_index.register(bench_commands)
     bench.set_defaults(func=lambda _args: _missing(bench))
+
+    from load import sim_cli
+
+    sim_cli.register(commands)
+    from workers.emulator import cli as emulate_cli
+
+    emulate_cli.register(commands)
+    from router import serve_cli
+
+    serve_cli.register(commands)
     return parser
 
 

@@ -10,7 +10,9 @@ Rules:
   fewer points give visibly uneven shares, KubeAI's own reported failure).
 - The bound: a replica may take a request of `cost` only if `load + cost <= ceil(c * (total + cost) / n)`,
   with `total` the candidates' summed load and `n` their number (c = `load_factor`, default 1.25:
-  KubeAI's `meanLoadFactor` 125%). The least-loaded candidate always satisfies it, so `pick` never
+  KubeAI's `meanLoadFactor` 125%). For unit costs the least-loaded candidate always satisfies it;
+  for a larger cost (a request weighed in tokens) on a nearly idle fleet it may not, so the bound is
+  raised to at least `min_load + cost`: the least-loaded candidate then always fits, and `pick` never
   returns a replica above the bound while one below exists.
 - `pick` only considers `candidates` (healthy replicas serving the model) when given.
 """
@@ -83,9 +85,27 @@ class BoundedLoadRing:
         return self._owners[i % len(self._owners)]
 
     def bound(self, loads: Mapping[str, float], candidates: Collection[str], cost: float = 1.0) -> float:
-        """The most load a candidate may have after taking `cost`: ceil(c * (total + cost) / n)."""
-        total = sum(loads.get(r, 0.0) for r in candidates)
-        return math.ceil(self.load_factor * (total + cost) / len(candidates))
+        """The most load a candidate may have after taking `cost`:
+        max(ceil(c * (total + cost) / n), min_load + cost)."""
+        values = [loads.get(r, 0.0) for r in candidates]
+        return max(math.ceil(self.load_factor * (sum(values) + cost) / len(values)), min(values) + cost)
+
+    def order(self, key: int, candidates: Collection[str] | None = None) -> list[str]:
+        """Candidates in ring order clockwise from `key`: the preference list with no load bound."""
+        eligible = self._members if candidates is None else set(candidates) & self._members
+        points, owners = self._points, self._owners
+        n = len(points)
+        start = bisect_left(points, key & 0xFFFFFFFFFFFFFFFF) if n else 0
+        out: list[str] = []
+        seen: set[str] = set()
+        for step in range(n):
+            replica = owners[(start + step) % n]
+            if replica in eligible and replica not in seen:
+                seen.add(replica)
+                out.append(replica)
+                if len(out) == len(eligible):
+                    break
+        return out
 
     def pick(
         self,

@@ -90,3 +90,30 @@ def test_same_members_same_ring_regardless_of_order() -> None:
 def test_bad_parameters(vnodes: int, c: float) -> None:
     with pytest.raises(ValueError):
         BoundedLoadRing(vnodes=vnodes, load_factor=c)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=8),
+    st.lists(st.integers(min_value=0, max_value=5000), min_size=8, max_size=8),
+    st.integers(min_value=1, max_value=20000),
+    st.integers(min_value=0, max_value=2**64 - 1),
+)
+def test_token_costs_keep_the_bound_and_spread_an_idle_fleet(
+    n: int, raw_loads: list[int], cost: int, key: int
+) -> None:
+    ring = make_ring(n, vnodes=16)
+    loads = {f"r{i}": float(raw_loads[i]) for i in range(n)}
+    bound = ring.bound(loads, loads.keys(), cost)
+    assert loads[ring.pick(key, loads, cost=cost)] + cost <= bound
+    # On an idle fleet a big request still goes to the key's owner, not to one fallback replica.
+    assert ring.pick(key, {}, cost=cost) == ring.owner(key)
+
+
+def test_order_lists_each_candidate_once_starting_at_the_owner() -> None:
+    ring = make_ring(6)
+    for key in (0, 2**40, 2**63 + 5):
+        order = ring.order(key)
+        assert sorted(order) == sorted(ring.members)
+        assert order[0] == ring.owner(key)
+        assert ring.order(key, ["r1", "r3"]) == [r for r in order if r in {"r1", "r3"}]

@@ -1,0 +1,240 @@
+"""The virtual-clock simulator: the real policies and the real engine model, on discrete events.
+
+Rules:
+- The policies are the production objects (`router.policies`), driven through the same `Fleet`
+  lifecycle as the proxy (`route` -> `first_token` -> `done`); the replicas are the same pure
+  `workers.engine.Engine` the live emulator runs. Nothing is re-modelled here: this module only
+  moves time forward.
+- What the router knows is what the proxy would know, when it would know it: its own lifecycle
+  load at once (it sees every request it sends and every first token and completion it relays),
+  and the engines' gauges (`num_requests_waiting`, `num_requests_running`, `kv_cache_usage_perc`)
+  only at scrapes, every `scrape_interval_s` per replica with a random phase, so they are stale in
+  between exactly as scraped Prometheus gauges are.
+- The index is written at routing time (approximate mode, what the proxy does without KV events),
+  sized from each replica's KV capacity as read from `vllm:cache_config_info`.
+- Network time is zero: TTFT is queueing plus prefill, the part routing can change.
+- Events at the same instant run step-ends first, then arrivals, then scrapes, in creation order:
+  a finished request frees its replica before a new one is routed, as in a real event loop.
+
+Cost: O(steps x batch) engine work plus O(requests x prompt chunks) hashing. Steps grow with output
+tokens per replica (one decode step emits one token per running request), so the cost grows
+linearly with requests and output length and is nearly flat in the number of replicas for a fixed
+request count (more replicas mean more, smaller batches). docs/BENCHMARKS.md has timings.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from load.report import RequestRecord
+from load.workloads import WorkloadRequest
+from router.fleet import Fleet, FleetConfig
+from router.index.chunking import DEFAULT_CHUNK_CHARS, hash_tokens
+from router.policies.base import NoReplicaAvailable, make_request
+from router.policies.registry import parse_policy_spec
+from workers.engine import Engine, Preset, StepResult
+from workers.engine import tokenizer as engine_tokenizer
+
+# How stale scraped gauges are: kvrouter's scraper polls each replica's /metrics at this interval
+# (the proxy's default), and Prometheus' own default scrape_interval is 15 s; llm-d's endpoint
+# picker refreshes every 50 ms. 1 s sits between and is what the proxy ships with.
+DEFAULT_SCRAPE_INTERVAL_S = 1.0
+
+_STEP_END, _ARRIVAL, _SCRAPE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    replicas: int
+    preset: Preset
+    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
+    chunk_chars: int = DEFAULT_CHUNK_CHARS
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    records: list[RequestRecord] = field(default_factory=list)
+    busy_s: dict[str, float] = field(default_factory=dict)
+    makespan_s: float = 0.0
+    rejected: int = 0
+    steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A workload request tokenized once for every policy's run, with its logical cache hit."""
+
+    source: WorkloadRequest
+    token_ids: tuple[int, ...]
+    logical_cached_tokens: int
+
+
+def prepare(requests: Sequence[WorkloadRequest], block_size: int) -> list[PreparedRequest]:
+    """Tokenize each request as the engine would see it, and compute its logical cache hit.
+
+    The logical hit is what one infinite cache shared by the whole fleet would reuse: the leading
+    blocks of the request already seen in any earlier request, capped like vLLM's own (at least
+    the last prompt token is always recomputed, so at most (n - 1) // block_size blocks).
+    """
+    seen: set[int] = set()
+    out: list[PreparedRequest] = []
+    for req in requests:
+        text = engine_tokenizer.render_chat(req.messages) if req.messages is not None else req.prompt or ""
+        ids = tuple(engine_tokenizer.encode(text))
+        blocks = hash_tokens(ids, req.model, block_size=block_size).chained
+        hit = 0
+        for h in blocks:
+            if h not in seen:
+                break
+            hit += 1
+        seen.update(blocks)
+        hit = min(hit, (len(ids) - 1) // block_size) if ids else 0
+        out.append(PreparedRequest(req, ids, hit * block_size))
+    return out
+
+
+class Simulation:
+    """One policy over one fleet of engines, for one prepared workload."""
+
+    def __init__(self, policy_spec: str, config: SimConfig) -> None:
+        self.config = config
+        self.policy_spec = policy_spec
+        preset = config.preset
+        self.fleet = Fleet(
+            parse_policy_spec(policy_spec),
+            FleetConfig(prefill_tokens_per_s=preset.prefill_tokens_per_s, block_size=preset.block_size),
+        )
+        self.engines: dict[str, Engine] = {}
+        for i in range(config.replicas):
+            name = f"replica-{i}"
+            self.engines[name] = Engine(preset, emit_token_ids=False)  # the simulator never reads token ids
+            self.fleet.add_replica(name, kv_capacity_tokens=preset.kv_capacity_tokens)
+        self._events: list[tuple[float, int, int, object]] = []
+        self._serial = 0
+        self._busy: dict[str, bool] = dict.fromkeys(self.engines, False)
+        self._pending: dict[str, tuple[PreparedRequest, str, int]] = {}  # id -> (req, replica, expected)
+        self._first_token_at: dict[str, float] = {}
+        self.result = SimResult(policy_spec, busy_s=dict.fromkeys(self.engines, 0.0))
+
+    def _push(self, time: float, kind: int, payload: object) -> None:
+        self._serial += 1
+        heapq.heappush(self._events, (time, kind, self._serial, payload))
+
+    def run(
+        self, requests: Sequence[PreparedRequest], progress: Callable[[int, int], None] | None = None
+    ) -> SimResult:
+        rng = random.Random(self.config.seed)
+        for req in requests:
+            self._push(req.source.arrival_s, _ARRIVAL, req)
+        interval = self.config.scrape_interval_s
+        if interval > 0 and requests:
+            for name in self.engines:
+                self._push(rng.uniform(0.0, interval), _SCRAPE, name)
+        total = len(requests)
+        done = 0
+        last_time = requests[0].source.arrival_s if requests else 0.0
+        first_time = last_time
+        while self._events:
+            time, kind, _, payload = heapq.heappop(self._events)
+            if kind == _STEP_END:
+                assert isinstance(payload, tuple)
+                name, step = payload
+                done += self._deliver(name, step)
+                last_time = time
+                if progress is not None:
+                    progress(done, total)
+            elif kind == _ARRIVAL:
+                assert isinstance(payload, PreparedRequest)
+                self._arrive(payload, time)
+            else:
+                assert isinstance(payload, str)
+                self._scrape(payload, time)
+                # Scraping stops once nothing is left to happen, so the loop ends.
+                if done + self.result.rejected < total:
+                    self._push(time + interval, _SCRAPE, payload)
+        self.result.makespan_s = max(0.0, last_time - first_time)
+        return self.result
+
+    def _arrive(self, prepared: PreparedRequest, now: float) -> None:
+        src = prepared.source
+        view = make_request(
+            src.request_id,
+            src.model,
+            prompt=src.prompt if src.messages is None else None,
+            messages=src.messages,
+            max_tokens=src.max_tokens,
+            session_key=src.session,
+            prompt_tokens=len(prepared.token_ids),
+            chunk_chars=self.config.chunk_chars,
+        )
+        try:
+            decision = self.fleet.route(view, now)
+        except NoReplicaAvailable:
+            self.result.rejected += 1
+            return
+        engine = self.engines[decision.replica]
+        try:
+            engine.submit(src.request_id, prepared.token_ids, src.max_tokens, now)
+        except ValueError:
+            # Too long for the replica: vLLM answers 400 and the router passes it on.
+            self.fleet.done(src.request_id, now)
+            self.result.rejected += 1
+            return
+        self._pending[src.request_id] = (prepared, decision.replica, decision.expected_cached_tokens)
+        if not self._busy[decision.replica]:
+            self._start_step(decision.replica, now)
+
+    def _start_step(self, name: str, now: float) -> None:
+        engine = self.engines[name]
+        if not engine.has_work():
+            self._busy[name] = False
+            return
+        step = engine.step(now)
+        self.result.steps += 1
+        self.result.busy_s[name] += step.duration
+        self._busy[name] = True
+        self._push(step.end, _STEP_END, (name, step))
+
+    def _deliver(self, name: str, step: StepResult) -> int:
+        now = step.end
+        for first in step.first_tokens:
+            self._first_token_at[first.request_id] = now
+            self.fleet.first_token(first.request_id, now)
+        finished = 0
+        for fin in step.finished:
+            prepared, replica, expected = self._pending.pop(fin.request_id)
+            self.fleet.done(fin.request_id, now)
+            self.result.records.append(
+                RequestRecord(
+                    request_id=fin.request_id,
+                    replica=replica,
+                    arrival_s=prepared.source.arrival_s,
+                    first_token_s=self._first_token_at.pop(fin.request_id),
+                    done_s=now,
+                    prompt_tokens=fin.prompt_tokens,
+                    cached_tokens=fin.cached_tokens,
+                    logical_cached_tokens=prepared.logical_cached_tokens,
+                    expected_cached_tokens=min(expected, fin.prompt_tokens),
+                    output_tokens=fin.completion_tokens,
+                )
+            )
+            finished += 1
+        self._start_step(name, now)
+        return finished
+
+    def _scrape(self, name: str, now: float) -> None:
+        m = self.engines[name].metrics()
+        self.fleet.update_engine_metrics(
+            name,
+            now=now,
+            num_requests_waiting=m.num_requests_waiting,
+            num_requests_running=m.num_requests_running,
+            kv_cache_usage_perc=m.kv_cache_usage_perc,
+            num_gpu_blocks=m.num_gpu_blocks,
+            block_size=m.block_size,
+        )

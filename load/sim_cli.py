@@ -1,0 +1,134 @@
+"""`kvrouter sim`: every policy over the same seeded workload on a virtual clock, side by side.
+
+The default rate is the workload's `default_rate` for the fleet (load/workloads/base.py): the rate at
+which round robin's prefill demand is 1.2x what the fleet can prefill, so round robin saturates while
+a policy that keeps prefixes where they are cached has room to spare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from load.report import format_table, plot_results, summarize
+from load.sim import DEFAULT_SCRAPE_INTERVAL_S, SimConfig, Simulation, prepare
+from load.workloads import WORKLOADS, make_workload
+from router.policies.registry import parse_policy_spec, split_policy_specs
+from workers.engine import PRESETS, get_preset
+
+DEFAULT_POLICIES = "round_robin,random,least_load,power_of_two,chwbl,sglang,llmd,dynamo,kvaware"
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "sim",
+        help="simulate policies side by side on a virtual clock (same workload, same engines)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in seeded workload")
+    source.add_argument("--trace", type=Path, help="replay a trace file instead")
+    parser.add_argument("--trace-format", choices=["mooncake"], default="mooncake", help="trace format")
+    parser.add_argument("--replicas", type=int, default=8, help="replicas in the fleet (default 8)")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policy specs")
+    parser.add_argument("--rate", type=float, help="requests a second (default: where round robin saturates)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests to simulate (default 2000)")
+    parser.add_argument("--preset", default="llama-8b-h100", choices=sorted(PRESETS), help="replica preset")
+    parser.add_argument("--scrape-interval", type=float, default=DEFAULT_SCRAPE_INTERVAL_S, help="seconds")
+    parser.add_argument("--seed", type=int, default=0, help="workload and simulation seed (default 0)")
+    parser.add_argument("--json", type=Path, help="write results as JSON here")
+    parser.add_argument("--plots", type=Path, help="write PNG plots (TTFT CDF, hit rate) into this folder")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.replicas <= 0 or args.requests <= 0:
+        print("kvrouter sim: --replicas and --requests must be positive", file=sys.stderr)
+        return 2
+    try:
+        specs = split_policy_specs(args.policies)
+        for spec in specs:
+            parse_policy_spec(spec)
+    except ValueError as exc:
+        print(f"kvrouter sim: {exc}", file=sys.stderr)
+        return 2
+    preset = get_preset(args.preset)
+    rate = args.rate
+    if args.trace is not None:
+        from load.trace import load_mooncake
+
+        requests = load_mooncake(args.trace, limit=args.requests)
+        name = f"trace:{args.trace.name}"
+    else:
+        name = args.workload
+        requests = make_workload(
+            name,
+            seed=args.seed,
+            replicas=args.replicas,
+            rate=rate,
+            requests=args.requests,
+            prefill_tokens_per_s=preset.prefill_tokens_per_s,
+        )
+    if not requests:
+        print("kvrouter sim: the workload produced no request", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    prepared = prepare(requests, preset.block_size)
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    offered = len(requests) / span if span > 0 else float("inf")
+    print(
+        f"{name}: {len(requests)} requests at {offered:.1f} req/s over {args.replicas} x {preset.name}"
+        f" (prepared in {time.perf_counter() - started:.1f} s)",
+        file=sys.stderr,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    ttfts: dict[str, list[float]] = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        sim = Simulation(
+            spec,
+            SimConfig(
+                replicas=args.replicas, preset=preset, scrape_interval_s=args.scrape_interval, seed=args.seed
+            ),
+        )
+
+        shown = [-1]
+
+        def progress(done: int, total: int, spec: str = spec, shown: list[int] = shown) -> None:
+            # Redraw one line at most every 1% of the requests, and never twice for the same count.
+            if done != shown[0] and (done - shown[0] >= max(1, total // 100) or done == total):
+                shown[0] = done
+                print(f"\r  {spec:<24} {done:>7}/{total}", end="", file=sys.stderr, flush=True)
+
+        outcome = sim.run(prepared, progress)
+        figures = summarize(
+            outcome.records, outcome.busy_s, makespan_s=outcome.makespan_s, rejected=outcome.rejected
+        )
+        figures["sim_wall_s"] = round(time.perf_counter() - t0, 2)
+        figures["engine_steps"] = outcome.steps
+        results[spec] = figures
+        ttfts[spec] = [r.ttft_s for r in outcome.records]
+        print(f"  {figures['sim_wall_s']:.1f} s", file=sys.stderr)
+    print(format_table(results))
+    report = {
+        "workload": name,
+        "replicas": args.replicas,
+        "requests": len(requests),
+        "rate": offered,
+        "preset": preset.name,
+        "seed": args.seed,
+        "results": results,
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plots is not None:
+        for path in plot_results(ttfts, results, args.plots, title=f"{name}, {args.replicas} replicas"):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0

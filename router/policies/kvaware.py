@@ -1,0 +1,223 @@
+"""`kvaware` (the default): the replica with the smallest estimated time to first token, with a
+cache miss charged for the delay its extra prefill imposes on the requests queued behind it.
+
+Algorithm. For each candidate replica r (healthy, not draining, serving the model):
+
+    queue_tokens(r) = in-flight prefill tokens(r)                          router-side, fresh
+                    + waiting_not_ours(r) * typical uncached tokens        scraped, stale
+    uncached(r)     = prompt tokens - cached(r)
+    TTFT(r)         = (queue_tokens(r) + uncached(r)) / prefill_rate(r)
+    score(r)        = TTFT(r) + recompute_weight * uncached(r) / prefill_rate(r)
+
+- cached(r) = the request's consecutive chunks the Fleet's PrefixIndex says r holds, in tokens.
+- in-flight prefill tokens: the uncached prompt tokens of the requests this router sent to r whose first
+  token has not come back (Fleet lifecycle: routed -> first token). It changes at every routing, so a
+  burst spreads even while every scraped metric is still zero.
+- Combining fresh and stale load without double counting: the engine's `num_requests_waiting` counts
+  our queued requests too. The Fleet snapshots how many of ours were still prefilling when the metrics
+  were scraped; only the excess (`ReplicaState.waiting_not_ours`: waiting - ours-at-scrape, floored at
+  0, and 0 once the scrape is older than `scrape_max_age_s`) is added, priced at the typical uncached
+  size of the requests we route (a moving average). With one router the excess is usually 0 and the
+  fresh count rules; with several routers or direct clients it adds what only the engine can see. It
+  errs low (some of ours were running, not waiting), never counting our load twice.
+- Why the score and not TTFT alone: a miss's prefill is also paid by every request that later queues
+  behind it on that replica, and on a saturated fleet the recomputed prefixes are the load. Pure
+  TTFT-greedy routing spills whenever a holder's queue exceeds another's by the cached tokens, and each
+  spill adds a full prefix of work: in the simulator (load/sim.py, 4 x llama-8b-h100, 600 requests
+  of each of the seven built-in workloads at round robin's saturation rate, seed 0) that cascaded into
+  4x SGLang's mean TTFT on shared-prefix. With `recompute_weight` 4 kvaware's mean TTFT was the best
+  or within 1% of the best baseline's on all seven (1 and 2 still spill too often; 8 changed nothing
+  on shared-prefix). A holder is left only when its queue exceeds
+  another's by more than (1 + recompute_weight) x the cached tokens; planned replication of a hot
+  prefix is the hot-prefix controller's job, not the router's.
+- Decision:
+  * Some candidate holds part of the prefix: the smallest score wins ("prefix-hit", or "spill" when a
+    replica without the prefix wins). Scores within `tie_epsilon_s` tie; ties go to the smallest
+    in-flight token load, then ring order.
+  * No candidate holds any of it (a new prefix group): the bounded-load ring (router/index/ring.py,
+    256 vnodes, load factor 1.25, loads = in-flight tokens, unit cost) names an owner by the group key —
+    the chained hash of the first `group_chunks` chunks, or of the whole prompt when shorter — so
+    independent router instances agree where a group starts ("ring"). The owner is taken only if its
+    TTFT is at most (1 + ring_slack) x the best (+ `tie_epsilon_s`); else the best ("least-ttft").
+    With the default slack 0 the ring decides among equally good replicas and never costs latency:
+    a new group's first prefill is the heaviest work there is, and in the simulator a slack of 0.1
+    already put 6,000-token prefixes on busier owners (llmd-prefix TTFT p99 55 s against 1.0 s).
+- Optional similarity fallback (`similarity_credit` > 0, for backends that reuse non-prefix KV such as
+  LMCache CacheBlend): only when the best prefix match covers less than `similarity_below` of the
+  prompt, a MinHash signature of the request's chunk contents is built and queried; a replica with
+  estimated Jaccard j is credited `similarity_credit * j` of the tokens it does not hold by prefix
+  ("similarity"). The signature is then added for the chosen replica, so the similarity index records
+  where content first landed. Off by default: vLLM reuses prefixes only, and a cache hit then costs
+  nothing here.
+- `migration` is not used in routing: the hot-prefix controller (a later issue) reads
+  `params.migration` to decide whether it may replicate a hot prefix group to another replica.
+
+Parameters and defaults: `recompute_weight` 4.0, `group_chunks` 4 (256 characters with 64-character
+chunks: about a system prompt's opening), `ring_slack` 0.0, `tie_epsilon_s` 0.001 (25 tokens at the
+default 25K tokens/s), `scrape_max_age_s` 10, `similarity_credit` 0.0, `similarity_below` 0.5,
+`migration` true. The ring's 256 vnodes and 1.25 bound are KubeAI's defaults (anchors.md); the prefill
+rate is the replica's (FleetConfig default 25K tokens/s, anchors.md's H200 recompute figures).
+It avoids the anchors' known failures: a miss never goes to a busy replica just because its tree is
+small (SGLang); a burst spreads before metrics move (llm-d's stale queue scorer); under high load it
+keeps each group on its holder until the holder's queue outweighs recomputing the prefix, where
+SGLang's imbalance branch discards locality on a request-count difference of 32.
+Not modelled: decode interference and KV-capacity saturation (a replica whose KV is full queues new
+requests whatever its prefill queue says); the engine's waiting count covers the latter once scraped.
+
+Config example: `--policy kvaware:recompute_weight=4,group_chunks=4,migration=false`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import mmh3
+
+from router.policies.base import Decision, PolicyBase, RequestView, candidates_or_raise
+
+if TYPE_CHECKING:
+    from router.fleet import Fleet
+    from router.index.similarity import Signature
+
+# Weight of the newest sample in the typical-uncached moving average: about the last 10 requests, so
+# it follows a workload shift within seconds at any useful request rate.
+_EWMA_ALPHA = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class KvAwareParams:
+    recompute_weight: float = 4.0
+    group_chunks: int = 4
+    ring_slack: float = 0.0
+    tie_epsilon_s: float = 0.001
+    scrape_max_age_s: float = 10.0
+    similarity_credit: float = 0.0
+    similarity_below: float = 0.5
+    migration: bool = True  # read by the hot-prefix controller (later issue), not by routing
+
+    def __post_init__(self) -> None:
+        if self.group_chunks <= 0:
+            raise ValueError("group_chunks must be positive")
+        if min(self.recompute_weight, self.ring_slack, self.tie_epsilon_s, self.scrape_max_age_s) < 0:
+            raise ValueError(
+                "recompute_weight, ring_slack, tie_epsilon_s and scrape_max_age_s must be non-negative"
+            )
+        if not 0.0 <= self.similarity_credit <= 1.0 or not 0.0 <= self.similarity_below <= 1.0:
+            raise ValueError("similarity_credit and similarity_below must be within [0, 1]")
+
+
+def group_key(request: RequestView, group_chunks: int) -> int:
+    """The prefix group: chained hash of the first `group_chunks` chunks (or all, if fewer)."""
+    chained = request.hashes.chained
+    if chained:
+        return chained[min(group_chunks, len(chained)) - 1]
+    # Shorter than one chunk: the whole prompt (seeded by model, like the chunk chains).
+    return mmh3.mmh3_x64_128_utupledigest(f"{request.model}\x00{request.text}".encode(), 0)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """One candidate's TTFT estimate and its parts (exposed for tests and for explaining decisions)."""
+
+    replica: str
+    ttft_s: float
+    score_s: float  # ttft_s + recompute_weight x the prefill time of the uncached tokens
+    cached_tokens: int  # by prefix, what the Decision reports
+    credited_tokens: int  # by similarity, on top of cached_tokens
+    queue_tokens: float
+    load_tokens: int
+
+
+class KvAware(PolicyBase):
+    name = "kvaware"
+
+    def __init__(self, params: KvAwareParams | None = None) -> None:
+        self.params = params or KvAwareParams()
+        self._typical_uncached: float | None = None
+        self._pending_signature: tuple[str, Signature] | None = None  # choose -> on_routed, one slot
+
+    @property
+    def migration_enabled(self) -> bool:
+        return self.params.migration
+
+    @property
+    def typical_uncached_tokens(self) -> float | None:
+        return self._typical_uncached
+
+    def estimates(self, request: RequestView, fleet: Fleet, now: float) -> list[Estimate]:
+        """TTFT estimates for every candidate, in name order."""
+        candidates = candidates_or_raise(fleet, request)
+        matches = fleet.index.longest_match(request.hashes.chained)
+        cached = {s.name: request.cached_tokens(matches.get(s.name, 0)) for s in candidates}
+        credit = self._similarity_credit(request, fleet, max(cached.values()))
+        # Before any routing, price others' waiting requests like this one (all of it uncached).
+        typical = request.prompt_tokens if self._typical_uncached is None else self._typical_uncached
+        out = []
+        for s in candidates:
+            hit = cached[s.name]
+            extra = int(credit.get(s.name, 0.0) * (request.prompt_tokens - hit))
+            queue = (
+                s.inflight_prefill_tokens + s.waiting_not_ours(now, self.params.scrape_max_age_s) * typical
+            )
+            uncached = request.prompt_tokens - hit - extra
+            ttft = (queue + uncached) / s.prefill_tokens_per_s
+            score = ttft + self.params.recompute_weight * uncached / s.prefill_tokens_per_s
+            out.append(Estimate(s.name, ttft, score, hit, extra, queue, s.inflight_tokens))
+        return out
+
+    def _similarity_credit(self, request: RequestView, fleet: Fleet, best_cached: int) -> dict[str, float]:
+        self._pending_signature = None
+        p = self.params
+        if p.similarity_credit <= 0 or best_cached >= p.similarity_below * request.prompt_tokens:
+            return {}
+        signature = fleet.similarity.signature(request.hashes.content)
+        if signature is None:
+            return {}
+        self._pending_signature = (request.request_id, signature)
+        return {r: p.similarity_credit * j for r, j in fleet.similarity.query(signature).items()}
+
+    def choose(self, request: RequestView, fleet: Fleet, now: float) -> Decision:
+        estimates = self.estimates(request, fleet, now)
+        by_name = {e.replica: e for e in estimates}
+        key = group_key(request, self.params.group_chunks)
+        best = self._best(estimates, key, fleet)
+        if any(e.cached_tokens for e in estimates):
+            chosen = best
+            if chosen.cached_tokens:
+                reason = "prefix-hit"
+            else:
+                reason = "similarity" if chosen.credited_tokens else "spill"
+        else:
+            # Unit cost over integer token loads: the regime in which the ring's bound is proven (the
+            # least-loaded candidate always fits). With cost = the prompt's tokens an idle fleet fits
+            # nobody (cost > ceil(1.25 * cost / n)) and every key would fall back to one replica.
+            # The request's own size is weighed by the TTFT check below instead.
+            loads = {e.replica: float(e.load_tokens) for e in estimates}
+            owner = by_name[fleet.ring.pick(key, loads, by_name.keys(), cost=1.0)]
+            limit = (1.0 + self.params.ring_slack) * best.ttft_s + self.params.tie_epsilon_s
+            if owner.ttft_s <= limit:
+                chosen, reason = owner, "ring"
+            else:
+                chosen, reason = best, "similarity" if best.credited_tokens else "least-ttft"
+        return Decision(chosen.replica, chosen.cached_tokens, reason)
+
+    def _best(self, estimates: list[Estimate], key: int, fleet: Fleet) -> Estimate:
+        low = min(e.score_s for e in estimates)
+        tied = [e for e in estimates if e.score_s <= low + self.params.tie_epsilon_s]
+        lightest = min(e.load_tokens for e in tied)
+        tied = [e for e in tied if e.load_tokens == lightest]
+        if len(tied) == 1:
+            return tied[0]
+        first = fleet.ring.order(key, [e.replica for e in tied])[0]
+        return next(e for e in tied if e.replica == first)
+
+    def on_routed(self, request: RequestView, decision: Decision, fleet: Fleet, now: float) -> None:
+        uncached = request.prompt_tokens - decision.expected_cached_tokens
+        if self._typical_uncached is None:
+            self._typical_uncached = float(uncached)
+        else:
+            self._typical_uncached += _EWMA_ALPHA * (uncached - self._typical_uncached)
+        pending, self._pending_signature = self._pending_signature, None
+        if pending is not None and pending[0] == request.request_id:
+            fleet.similarity.add(decision.replica, pending[1])

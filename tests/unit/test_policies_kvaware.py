@@ -1,0 +1,275 @@
+"""kvaware: TTFT arithmetic, fresh + stale load without double counting, ring placement, and the
+anchors' known failures it must avoid (a: miss onto a busy replica, b: a burst on stale metrics)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+
+from router.fleet import Fleet, FleetConfig
+from router.policies.base import Decision, RequestView, make_request
+from router.policies.kvaware import KvAware, KvAwareParams, group_key
+from router.policies.llmd import Llmd
+from router.policies.registry import parse_policy_spec
+from router.policies.sglang import Sglang
+
+RATE = 1000.0  # prefill tokens/s, a round number for the arithmetic
+_ids = itertools.count()
+
+
+def chars(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(n))
+
+
+def text_req(text: str, model: str = "m") -> RequestView:
+    return make_request(f"q-{next(_ids)}", model, prompt=text)
+
+
+def bare_fleet(*names: str) -> Fleet:
+    fleet = Fleet(config=FleetConfig(prefill_tokens_per_s=RATE))
+    for name in names:
+        fleet.add_replica(name)
+    return fleet
+
+
+def add_prefill_load(fleet: Fleet, replica: str, tokens: int, decoding: bool = False) -> None:
+    r = text_req("~" * (4 * tokens), model="load")
+    fleet.routed(r, Decision(replica, 0, "load"), now=0.0)
+    if decoding:
+        fleet.first_token(r.request_id, 0.0)
+
+
+# -- the estimate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weight", "a_queue", "expected_ttft", "expected_score", "winner", "reason"),
+    [
+        # a holds 320 of 400 tokens behind a_queue tokens; b's engine has 2 waiting requests that are
+        # not ours (priced at 400 tokens each); c is idle. score = TTFT + weight * uncached / rate.
+        (0.0, 500, {"a": 0.58, "b": 1.2, "c": 0.4}, {"a": 0.58, "b": 1.2, "c": 0.4}, "c", "spill"),
+        (4.0, 500, {"a": 0.58, "b": 1.2, "c": 0.4}, {"a": 0.9, "b": 2.8, "c": 2.0}, "a", "prefix-hit"),
+        (4.0, 2000, {"a": 2.08, "b": 1.2, "c": 0.4}, {"a": 2.4, "b": 2.8, "c": 2.0}, "c", "spill"),
+        (0.0, 0, {"a": 0.08, "b": 1.2, "c": 0.4}, {"a": 0.08, "b": 1.2, "c": 0.4}, "a", "prefix-hit"),
+    ],
+)
+def test_ttft_and_score_arithmetic(
+    weight: float,
+    a_queue: int,
+    expected_ttft: dict[str, float],
+    expected_score: dict[str, float],
+    winner: str,
+    reason: str,
+) -> None:
+    fleet = bare_fleet("a", "b", "c")
+    r = text_req(chars(1, 1600))  # 25 chunks of 64 characters, 16 tokens each
+    assert (r.prompt_tokens, len(r.hashes)) == (400, 25)
+    fleet.index.insert("a", r.hashes.chained[:20], 0.0)
+    if a_queue:
+        add_prefill_load(fleet, "a", a_queue)
+    fleet.update_engine_metrics("b", now=0.0, num_requests_waiting=2)
+    # Attached after the load, so the typical uncached size is still this request's own.
+    policy = KvAware(KvAwareParams(recompute_weight=weight))
+    fleet.attach(policy)
+    estimates = {e.replica: e for e in policy.estimates(r, fleet, now=1.0)}
+    assert {n: e.ttft_s for n, e in estimates.items()} == pytest.approx(expected_ttft)
+    assert {n: e.score_s for n, e in estimates.items()} == pytest.approx(expected_score)
+    assert estimates["a"].cached_tokens == 320
+    d = policy.choose(r, fleet, now=1.0)
+    assert (d.replica, d.reason) == (winner, reason)
+    assert d.expected_cached_tokens == (320 if winner == "a" else 0)
+
+
+def test_stale_scrape_is_ignored() -> None:
+    fleet = bare_fleet("a", "b")
+    fleet.update_engine_metrics("a", now=0.0, num_requests_waiting=50)
+    policy = KvAware(KvAwareParams(scrape_max_age_s=10.0))
+    fleet.attach(policy)
+    r = text_req(chars(2, 800))
+    fresh = {e.replica: e.queue_tokens for e in policy.estimates(r, fleet, now=5.0)}
+    stale = {e.replica: e.queue_tokens for e in policy.estimates(r, fleet, now=20.0)}
+    assert fresh == {"a": 50 * r.prompt_tokens, "b": 0}
+    assert stale == {"a": 0, "b": 0}
+
+
+def test_our_own_queued_requests_are_not_counted_twice() -> None:
+    """The engine's waiting count includes our 3 prefilling requests: only the fresh count is used."""
+    fleet = bare_fleet("a")
+    for _ in range(3):
+        add_prefill_load(fleet, "a", 100)
+    fleet.update_engine_metrics("a", now=0.0, num_requests_waiting=3)
+    policy = KvAware()
+    fleet.attach(policy)
+    (estimate,) = policy.estimates(text_req(chars(3, 400)), fleet, now=0.5)
+    assert estimate.queue_tokens == 300
+    # Later the engine also shows 2 requests from another router: those are added, ours still once.
+    fleet.update_engine_metrics("a", now=1.0, num_requests_waiting=5)
+    (estimate,) = policy.estimates(text_req(chars(3, 400)), fleet, now=1.5)
+    assert estimate.queue_tokens == 300 + 2 * 100
+
+
+def test_decode_load_breaks_a_ttft_tie() -> None:
+    fleet = bare_fleet("a", "b")
+    add_prefill_load(fleet, "a", 1000, decoding=True)  # holds KV, adds no prefill queue
+    policy = KvAware()
+    fleet.attach(policy)
+    r = text_req(chars(4, 640))
+    for name in "ab":
+        fleet.index.insert(name, r.hashes.chained, 0.0)
+    assert {e.replica: e.ttft_s for e in policy.estimates(r, fleet, 0.0)} == pytest.approx(
+        {"a": 0.0, "b": 0.0}, abs=1e-9
+    )
+    assert policy.choose(r, fleet, 0.0).replica == "b"
+
+
+# -- new prefix groups: the ring ---------------------------------------------------------------
+
+
+def test_group_key_is_the_first_chunks() -> None:
+    system = chars(5, 256)  # exactly 4 chunks
+    one, two = text_req(system + "one" * 30), text_req(system + "two" * 30)  # 5 chunks each
+    assert group_key(one, 4) == group_key(two, 4)
+    assert group_key(one, 5) != group_key(two, 5)
+    assert group_key(text_req("short"), 4) == group_key(text_req("short"), 4)
+    assert group_key(text_req("short"), 4) != group_key(text_req("shorT"), 4)
+
+
+def test_independent_routers_place_new_groups_alike() -> None:
+    routers = [bare_fleet("a", "b", "c", "d") for _ in range(2)]
+    for fleet in routers:
+        fleet.attach(KvAware())
+    placements = []
+    for g in range(24):
+        r = text_req(chars(100 + g, 300) + "question")
+        decisions = [fleet.route(r, now=float(g)) for fleet in routers]
+        assert decisions[0] == decisions[1] and decisions[0].reason == "ring"
+        placements.append(decisions[0].replica)
+        for fleet in routers:
+            fleet.done(r.request_id, float(g))
+    assert len(set(placements)) == 4
+
+
+# -- known failure (a): a miss must not pile onto a busy replica --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("busy_by", "kvaware_reason"),
+    [
+        ("router-side load", "ring"),  # the ring's load bound already walks past the busy owner
+        ("engine waiting from other clients", "least-ttft"),  # only the TTFT check sees it
+    ],
+)
+def test_miss_does_not_go_to_the_busy_small_tree_replica(busy_by: str, kvaware_reason: str) -> None:
+    """SGLang sends a miss to the smallest tree even when that replica is the busy one (anchors.md)."""
+    decisions = {}
+    for policy in (KvAware(), Sglang()):
+        fleet = bare_fleet("busy", "idle")
+        fleet.attach(policy)
+        for i in range(6):  # the idle replica served a lot, all finished: a big tree, no load
+            big = text_req(chars(200 + i, 2000))
+            fleet.routed(big, Decision("idle", 0, "history"), 0.0)
+            fleet.done(big.request_id, 0.0)
+        short = text_req(chars(300, 80))
+        fleet.routed(short, Decision("busy", 0, "history"), 0.0)  # a small tree
+        fleet.done(short.request_id, 0.0)
+        if busy_by == "router-side load":
+            for _ in range(10):  # within SGLang's 32-request imbalance threshold
+                add_prefill_load(fleet, "busy", 800)
+        else:
+            fleet.update_engine_metrics("busy", now=0.0, num_requests_waiting=12)
+        # A new prefix whose ring owner is the busy replica, so the ring alone would choose it.
+        r = next(
+            q
+            for q in (text_req(chars(1000 + s, 1200)) for s in range(200))
+            if fleet.ring.owner(group_key(q, 4)) == "busy"
+        )
+        decisions[policy.name] = policy.choose(r, fleet, now=1.0)
+    assert decisions["sglang"] == Decision("busy", 0, "smallest-tree")
+    assert (decisions["kvaware"].replica, decisions["kvaware"].reason) == ("idle", kvaware_reason)
+
+
+# -- known failure (b): a burst on stale metrics ------------------------------------------------
+
+
+def burst(policy: KvAware | Llmd, prompts: list[str], replicas: tuple[str, ...]) -> Counter[str]:
+    fleet = bare_fleet(*replicas)
+    fleet.attach(policy)
+    for name in replicas:  # an all-zero scrape, fresh as of the burst
+        fleet.update_engine_metrics(name, now=0.0, num_requests_waiting=0, kv_cache_usage_perc=0.0)
+    return Counter(fleet.route(text_req(p), now=0.01).replica for p in prompts)
+
+
+@pytest.mark.parametrize("weight", [0.0, 4.0])
+def test_burst_of_new_prefixes_with_stale_metrics_is_spread_evenly(weight: float) -> None:
+    """Forty requests arrive before any scrape moves and before any first token: router-side load
+    changes at each routing, so they spread although every scraped signal says the fleet is idle."""
+    n, replicas = 40, ("a", "b", "c", "d")
+    prompts = [chars(400 + i, 2048) + chars(500 + i, 200) for i in range(n)]
+    counts = burst(KvAware(KvAwareParams(recompute_weight=weight)), prompts, replicas)
+    assert set(counts) == set(replicas)
+    assert max(counts.values()) <= n // len(replicas) + 2
+
+
+def test_burst_on_one_prefix_leaves_the_holder_once_its_queue_outweighs_recomputing() -> None:
+    """llm-d follows the prefix score with stale queues and sends all of a one-prefix burst to one
+    replica. kvaware keeps it on the holder only while the holder's queue is worth less than
+    recomputing the prefix ((1 + recompute_weight) x cached tokens), then spreads it."""
+    n, replicas = 120, ("a", "b", "c", "d")
+    system = chars(7, 2048)  # 512 tokens
+    prompts = [system + chars(500 + i, 200) for i in range(n)]  # + 50 tokens each
+    assert max(burst(Llmd(), prompts, replicas).values()) == n
+    spread = burst(KvAware(), prompts, replicas)
+    assert len(spread) >= 2 and max(spread.values()) < n // 2
+    eager = burst(KvAware(KvAwareParams(recompute_weight=0.0)), prompts, replicas)
+    assert max(eager.values()) <= n // len(replicas) + 2  # pure TTFT: spread evenly at once
+
+
+@pytest.mark.parametrize(("weight", "second_reason"), [(0.0, "spill"), (4.0, "prefix-hit")])
+def test_busy_holder_and_locality_after_the_prefill(weight: float, second_reason: str) -> None:
+    fleet = bare_fleet("a", "b", "c")
+    fleet.attach(KvAware(KvAwareParams(recompute_weight=weight)))
+    system = chars(8, 2048)
+    r1, r2, r3 = (text_req(system + q) for q in ("first question", "second question", "third question"))
+    first = fleet.route(r1, now=0.0)
+    second = fleet.route(r2, now=0.0)  # the holder is still prefilling the whole prefix
+    assert second.reason == second_reason
+    assert (second.replica == first.replica) is (second_reason == "prefix-hit")
+    fleet.first_token(r1.request_id, now=0.5)
+    fleet.first_token(r2.request_id, now=0.5)
+    third = fleet.route(r3, now=1.0)
+    assert third.reason == "prefix-hit" and third.replica in {first.replica, second.replica}
+
+
+# -- parameters --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spec", "enabled"), [("kvaware", True), ("kvaware:migration=false", False)])
+def test_migration_switch_is_a_real_parameter(spec: str, enabled: bool) -> None:
+    policy = parse_policy_spec(spec)
+    assert isinstance(policy, KvAware)
+    assert policy.params.migration is enabled and policy.migration_enabled is enabled
+
+
+@pytest.mark.parametrize("credit", [0.0, 0.8])
+def test_similarity_credit_prefers_the_replica_holding_the_content(credit: float) -> None:
+    paragraphs = [chars(600 + i, 128) for i in range(8)]  # chunk-aligned: 2 chunks each
+    fleet = bare_fleet("a", "b", "c", "d")
+    policy = KvAware(KvAwareParams(similarity_credit=credit))
+    fleet.attach(policy)
+    first = text_req("".join(paragraphs))
+    placed = fleet.route(first, now=0.0)
+    fleet.done(first.request_id, now=0.5)
+    reordered = text_req("".join(paragraphs[4:] + paragraphs[:4]))
+    assert fleet.index.longest_match(reordered.hashes.chained) == {}  # no prefix in common
+    estimates = {e.replica: e for e in policy.estimates(reordered, fleet, now=1.0)}
+    if credit:
+        assert fleet.similarity.size() == 1  # built once: the first request had no prefix match
+        assert estimates[placed.replica].credited_tokens > 0.5 * reordered.prompt_tokens
+        assert policy.choose(reordered, fleet, now=1.0).replica == placed.replica
+    else:
+        assert fleet.similarity.size() == 0  # never built when the credit is off
+        assert all(e.credited_tokens == 0 for e in estimates.values())
