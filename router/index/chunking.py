@@ -36,16 +36,24 @@ class ChunkHashes:
     only the similarity path reads it and most requests never take that path.
     """
 
-    __slots__ = ("_content", "_data", "_seed", "chained", "chunk_units", "total_units", "unit")
+    __slots__ = ("_content", "_seed", "_source", "chained", "chunk_units", "total_units", "unit")
 
     def __init__(
-        self, chained: tuple[int, ...], data: bytes, seed: int, chunk_units: int, total_units: int, unit: str
+        self,
+        chained: tuple[int, ...],
+        source: str | Sequence[int],
+        seed: int,
+        chunk_units: int,
+        total_units: int,
+        unit: str,
     ):
         self.chained = chained
         self.chunk_units = chunk_units  # characters or tokens per chunk
         self.total_units = total_units  # characters or tokens in the whole prompt, partial chunk included
         self.unit = unit  # "char" or "token"
-        self._data = data
+        # The prompt itself, not its encoding: the caller holds it anyway, while the 4-bytes-a-unit
+        # encoding would cost 4x the prompt for as long as the request is in flight.
+        self._source = source
         self._seed = seed
         self._content: tuple[int, ...] | None = None
 
@@ -65,7 +73,7 @@ class ChunkHashes:
         """Each full chunk's own hash, position-free (for similarity), seeded by model like `chained`."""
         if self._content is None:
             step = self.chunk_units * _UNIT_BYTES
-            data, seed = self._data, self._seed & 0xFFFFFFFF
+            data, seed = _encode(self._source), self._seed & 0xFFFFFFFF
             self._content = tuple(
                 _hash128(data[i : i + step], seed)[0] for i in range(0, len(self.chained) * step, step)
             )
@@ -76,6 +84,15 @@ def model_seed(model: str, cache_salt: str | None = None) -> int:
     """The 64-bit root of every chain for this model (and salt): parent of the first chunk."""
     key = model if cache_salt is None else f"{model}\x00salt\x00{cache_salt}"
     return _hash128(key.encode("utf-8"), 0)[0]
+
+
+def _encode(source: str | Sequence[int]) -> bytes:
+    if isinstance(source, str):
+        return source.encode("utf-32-le")
+    try:
+        return array("I", source).tobytes()
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"token ids must be integers in [0, 2**32): {exc}") from None
 
 
 def _chain(data: bytes, chunk_bytes: int, root: int) -> tuple[int, ...]:
@@ -117,13 +134,9 @@ def hash_tokens(
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    try:
-        data = array("I", token_ids).tobytes()
-    except (OverflowError, TypeError) as exc:
-        raise ValueError(f"token ids must be integers in [0, 2**32): {exc}") from None
     seed = model_seed(model, cache_salt)
-    chained = _chain(data, block_size * _UNIT_BYTES, seed)
-    return ChunkHashes(chained, data, seed, block_size, len(token_ids), "token")
+    chained = _chain(_encode(token_ids), block_size * _UNIT_BYTES, seed)
+    return ChunkHashes(chained, token_ids, seed, block_size, len(token_ids), "token")
 
 
 def render_chat(messages: Sequence[Mapping[str, object]]) -> str:

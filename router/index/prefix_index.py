@@ -5,8 +5,12 @@ Rules:
   whole prefix. Entries come from routing (speculative: "I just sent it there") and from the
   replica's KV events (confirmed); both call `insert` / `remove` / `clear`.
 - Every replica has a capacity in chunks; past it, its least recently inserted-or-refreshed entries are
-  forgotten, as the replica's own LRU would evict them. Memory is therefore bounded by the sum of
-  the capacities whatever the input, and roughly tracks what the replicas can really hold.
+  forgotten, as the replica's own LRU would evict them. A prompt's hashes are refreshed last-first,
+  so its first chunk is the most recent and a chain is forgotten from its tail: vLLM frees a
+  finished request's blocks tail first for the same reason, so that eviction shortens prefixes
+  instead of cutting their head off (which would make every later chunk unreachable). Memory is
+  therefore bounded by the sum of the capacities whatever the input, and roughly tracks what the
+  replicas can really hold.
 - `longest_match` counts consecutive chunks from the start only: vLLM reuses a prefix, never a
   middle, so a hole ends the match even if later chunks are present.
 - Time is an argument. Entries remember the coarse time (`ttl_granularity_s`) of their last refresh,
@@ -117,7 +121,8 @@ class PrefixIndex:
     # -- writes -------------------------------------------------------------------------------
 
     def insert(self, replica: str, hashes: Iterable[int], now: float) -> None:
-        """Record that `replica` holds these chained hashes, refreshing them as most recent."""
+        """Record that `replica` holds these chained hashes (in prompt order), refreshing them as most
+        recent — the first chunk most recent of all, so eviction takes the chain's tail first."""
         entries = self._replicas.get(replica)
         if entries is None:
             self.add_replica(replica)
@@ -126,7 +131,7 @@ class PrefixIndex:
         lru = entries.lru
         bit = entries.bit
         holders = self._holders
-        for h in hashes:
+        for h in reversed(hashes if isinstance(hashes, Sequence) else list(hashes)):
             if h in lru:
                 lru.move_to_end(h)
                 lru[h] = epoch

@@ -22,7 +22,7 @@ class ModelIndex:
 
     def insert(self, replica: str, hashes: list[int]) -> None:
         lru = self.lru[replica]
-        for h in hashes:
+        for h in reversed(hashes):  # the first chunk becomes the most recent
             lru.pop(h, None)
             lru[h] = None
         while len(lru) > self.capacity[replica]:
@@ -103,12 +103,21 @@ def test_match_stops_at_the_first_hole() -> None:
 def test_lru_evicts_least_recently_refreshed() -> None:
     index = PrefixIndex()
     index.add_replica("a", 3)
-    index.insert("a", [1, 2, 3], 0.0)
-    index.insert("a", [1], 1.0)  # refresh 1: now 2 is the oldest
+    index.insert("a", [1, 2, 3], 0.0)  # recency, oldest first: 3, 2, 1
+    index.insert("a", [3], 1.0)  # refresh 3: now 2 is the oldest
     index.insert("a", [4], 2.0)
     assert not index.holds("a", 2)
     assert all(index.holds("a", h) for h in (1, 3, 4))
     assert index.evictions == 1
+
+
+def test_a_chain_is_forgotten_from_its_tail() -> None:
+    index = PrefixIndex()
+    index.add_replica("a", 6)
+    index.insert("a", [1, 2, 3, 4], 0.0)
+    index.insert("a", [10, 11, 12, 13], 1.0)  # two over capacity: the first chain loses its tail
+    assert index.longest_match([1, 2, 3, 4]) == {"a": 2}
+    assert index.longest_match([10, 11, 12, 13]) == {"a": 4}
 
 
 def test_shrinking_capacity_evicts_now() -> None:
@@ -116,8 +125,8 @@ def test_shrinking_capacity_evicts_now() -> None:
     index.insert("a", list(range(10)), 0.0)
     index.set_capacity("a", 4)
     assert index.size("a") == 4
-    assert index.longest_match(list(range(10))) == {}  # the oldest (the prefix start) went first
-    assert index.longest_match([6, 7, 8, 9]) == {"a": 4}
+    assert index.longest_match(list(range(10))) == {"a": 4}  # the tail went first
+    assert index.longest_match([6, 7, 8, 9]) == {}
 
 
 def test_drop_replica_frees_its_slot_for_a_newcomer() -> None:
