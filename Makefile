@@ -21,7 +21,7 @@ lint: setup
 	$(BIN)/ruff format --check router workers load tests
 
 typecheck: setup
-	$(BIN)/mypy --strict router/index router/policies workers/engine
+	$(BIN)/mypy --strict router workers load
 
 test: lint typecheck
 	$(BIN)/python -m pytest

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     from load import bench_index
 
     bench_index.register(bench_commands)
+    from workers.emulator import bench as bench_emulator
+
+    bench_emulator.register(bench_commands)
     bench.set_defaults(func=lambda _args: _missing(bench))
 
     from load import sim_cli

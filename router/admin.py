@@ -1,0 +1,177 @@
+"""The admin API under /admin: see and change the fleet at run time. Bearer-token guarded.
+
+Rules:
+- Without an admin token configured (`admin_token` in the file, or the variable named by
+  `admin_token_env`, default KVROUTER_ADMIN_TOKEN) the admin API does not exist: every /admin path
+  answers 404 like any unknown route. A reload that sets a token turns it on.
+- With one, every request needs `Authorization: Bearer <token>`, compared with `hmac.compare_digest`
+  on bytes (constant time, and safe for non-ASCII input); anything else is a 401.
+- Endpoints: GET /admin/replicas (state and load of each); POST /admin/replicas {name, url, models?,
+  kv_capacity_tokens?, kv_events?} → 201; DELETE /admin/replicas/{name}; POST
+  /admin/replicas/{name}/drain (optional body {"draining": false} to undrain); GET /admin/index.
+- Replicas added here live until deleted here or a reload's configuration removes that name; a
+  reload leaves alone the replicas it never configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from aiohttp import web
+
+from router.config import ConfigError, backend_from_mapping
+from router.errors import ProxyError, json_response
+from router.proxy import STATE, Handler, RouterState, read_json_body
+from router.upstream import Replica
+
+_ADMIN_BODY_MAX = 64 * 1024
+
+
+def _token_ok(header: str, token: str) -> bool:
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.config_dict[STATE].config.admin_token
+    if not token:
+        raise web.HTTPNotFound()
+    if not _token_ok(request.headers.get("Authorization", ""), token):
+        exc = ProxyError(
+            401,
+            "a valid admin bearer token is required",
+            err_type="authentication_error",
+            code="invalid_admin_token",
+        )
+        response = exc.response()
+        response.headers["WWW-Authenticate"] = 'Bearer realm="kvrouter-admin"'
+        return response
+    return await handler(request)
+
+
+def _describe(state: RouterState, replica: Replica) -> dict[str, object]:
+    fs = state.fleet.replicas[replica.name]
+    now = state.clock()
+    return {
+        "name": replica.name,
+        "url": replica.url,
+        "models": sorted(fs.models),
+        "configured_models": list(replica.config.models),
+        "kv_events": replica.config.kv_events,
+        "healthy": fs.healthy,
+        "draining": fs.draining,
+        "available": fs.available,
+        "breaker": {
+            "state": replica.breaker.state.value,
+            "consecutive_failures": replica.breaker.failures,
+            "ejections": replica.breaker.ejections,
+            "cooldown_s": replica.breaker.cooldown_s,
+        },
+        "load": {
+            "inflight_requests": fs.inflight_requests,
+            "prefill_requests": fs.prefill_requests,
+            "inflight_prefill_tokens": fs.inflight_prefill_tokens,
+            "inflight_decode_tokens": fs.inflight_decode_tokens,
+            "active_kv_tokens": round(fs.active_kv_tokens),
+        },
+        "engine": {
+            "num_requests_waiting": fs.num_requests_waiting,
+            "num_requests_running": fs.num_requests_running,
+            "kv_cache_usage_perc": fs.kv_cache_usage_perc,
+            "kv_capacity_tokens": fs.kv_capacity_tokens,
+            "block_size": fs.block_size,
+            "scrape_age_s": None if fs.scraped_at is None else round(now - fs.scraped_at, 3),
+        },
+        "index_entries": state.fleet.index.size(replica.name),
+    }
+
+
+def _replica(state: RouterState, request: web.Request) -> Replica:
+    name = request.match_info["name"]
+    replica = state.replicas.get(name)
+    if replica is None:
+        raise ProxyError(404, f"no replica named {name!r}", code="replica_not_found", param="name")
+    return replica
+
+
+async def _json(request: web.Request, *, required: bool) -> object:
+    if not required and (not request.body_exists or request.content_length == 0):
+        return {}  # a bare POST (curl -X POST, or a client that labels it octet-stream)
+    raw = await read_json_body(request, _ADMIN_BODY_MAX)
+    if not raw.strip() and not required:
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ProxyError(400, "request body is not valid JSON", code="invalid_json") from None
+
+
+async def list_replicas(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    return json_response({"replicas": [_describe(state, r) for r in state.replicas.all()]})
+
+
+async def add_replica(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    try:
+        backend = backend_from_mapping(await _json(request, required=True), "replica")
+    except ConfigError as exc:
+        raise ProxyError(400, str(exc), code="invalid_replica") from None
+    if backend.name in state.replicas:
+        raise ProxyError(409, f"replica {backend.name!r} already exists", code="replica_exists", param="name")
+    replica = state.replicas.add(backend)
+    if state.upstream is not None:
+        await state.upstream.probe(replica, initial=True)  # health and models before it takes traffic
+    return json_response(_describe(state, replica), status=201)
+
+
+async def delete_replica(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    replica = _replica(state, request)
+    state.replicas.remove(replica.name)
+    return json_response({"deleted": replica.name})
+
+
+async def drain_replica(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    replica = _replica(state, request)
+    body = await _json(request, required=False)
+    draining = body.get("draining", True) if isinstance(body, dict) else None
+    if not isinstance(draining, bool):
+        raise ProxyError(
+            400, 'body must be {} or {"draining": true|false}', code="invalid_value", param="draining"
+        )
+    if state.replicas.get(replica.name) is replica:
+        state.fleet.set_draining(replica.name, draining)
+    return json_response(_describe(state, replica))
+
+
+async def index_stats(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    stats = state.fleet.index.stats()
+    return json_response(
+        {
+            "replicas": stats.replicas,
+            "entries": stats.entries,
+            "unique_hashes": stats.unique_hashes,
+            "evictions": stats.evictions,
+            "per_replica": dict(stats.per_replica),
+            "capacity": dict(stats.capacity),
+            "seen_chunks": len(state.metrics.seen),
+            "inflight_requests": state.fleet.inflight_count(),
+        }
+    )
+
+
+def build_admin_app() -> web.Application:
+    app = web.Application(middlewares=[require_token])
+    app.router.add_get("/replicas", list_replicas)
+    app.router.add_post("/replicas", add_replica)
+    app.router.add_delete("/replicas/{name}", delete_replica)
+    app.router.add_post("/replicas/{name}/drain", drain_replica)
+    app.router.add_get("/index", index_stats)
+    return app

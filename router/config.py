@@ -1,0 +1,270 @@
+"""The router's configuration: command-line flags and an optional YAML file, into one frozen value.
+
+Rules:
+- `RouterConfig` is frozen and fully validated: every error is found at startup (or at a reload,
+  which then keeps the running configuration) as a `ConfigError` that says which key and why.
+- The YAML file's top-level keys are the field names below; an unknown key is an error listing the
+  known ones (a typo must not silently leave a default in force). `backends` is a list of mappings
+  with `name`, `url`, and optionally `models`, `kv_events`, `kv_capacity_tokens`.
+- Precedence: a flag given on the command line > the file > the default. `--backend` flags add to
+  the file's backends (names must stay unique).
+- The admin token comes from the file's `admin_token` or, if absent, from the environment variable
+  named by `admin_token_env` (default KVROUTER_ADMIN_TOKEN); it is never printed (`repr=False`).
+  Without a token the admin API does not exist.
+- A backend without `models` serves whatever its `/v1/models` says (discovered at run time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+from router.policies.base import Policy
+from router.policies.registry import DEFAULT_POLICY, build_policy, parse_policy_spec
+
+DEFAULT_ADMIN_TOKEN_ENV = "KVROUTER_ADMIN_TOKEN"
+# Replica names appear in metric labels, the x-kvrouter-replica header and admin URL paths.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_BACKEND_KEYS = ("name", "url", "models", "kv_events", "kv_capacity_tokens")
+
+
+class ConfigError(ValueError):
+    """A configuration the router refuses to start (or reload) with."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One replica: where it is, what it serves, and what the router should assume about it."""
+
+    name: str
+    url: str  # base URL: http(s)://host:port[/prefix]; request paths are appended to it
+    models: tuple[str, ...] = ()  # empty: discovered from the replica's /v1/models
+    kv_events: str | None = None  # the replica's ZMQ KV-event endpoint (recorded; see docs)
+    kv_capacity_tokens: int | None = None  # else from vllm:cache_config_info when scraped
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"backend name {self.name!r} must be 1-128 characters of letters, digits, '.', '_', ':' "
+                "or '-', starting with a letter or digit"
+            )
+        check_url(self.url, f"backend {self.name!r} url")
+        if any(not isinstance(m, str) or not m for m in self.models):
+            raise ConfigError(f"backend {self.name!r}: models must be non-empty strings")
+        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens <= 0:
+            raise ConfigError(f"backend {self.name!r}: kv_capacity_tokens must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Everything `kvrouter serve` runs with. Defaults are the CLI's defaults."""
+
+    backends: tuple[BackendConfig, ...] = ()
+    policy: str = DEFAULT_POLICY  # a spec, `name` or `name:key=value,...`
+    policy_params: Mapping[str, object] | None = None  # from YAML `policy: {name, params}`
+    host: str = "127.0.0.1"
+    port: int = 8080
+    replica_header: bool = True  # send `x-kvrouter-replica: NAME` on proxied responses
+    max_inflight: int = 1024  # proxied requests at once; above it, 429
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_retries: int = 2  # extra replicas tried while nothing was sent to the client
+    # Seconds without a byte from a replica (before the first byte: 504; after: SSE error event).
+    # Generous because a non-streaming answer sends nothing until the whole generation is done.
+    upstream_timeout_s: float = 300.0
+    connect_timeout_s: float = 5.0
+    scrape_interval_s: float = 1.0  # /metrics scrapes (the simulator assumes the same, load/sim.py)
+    health_interval_s: float = 2.0  # active /health probes (and /v1/models discovery)
+    breaker_failures: int = 3  # consecutive failures that eject a replica
+    breaker_cooldown_s: float = 5.0  # first ejection length; doubles per failed probe
+    breaker_max_cooldown_s: float = 60.0
+    shutdown_timeout_s: float = 30.0  # graceful shutdown: how long in-flight requests may finish
+    chunk_chars: int = 64  # text chunk for the prefix index (router/index/chunking.py)
+    block_size: int = 16  # token-id prompts are chunked in blocks of this many tokens
+    seen_chunks: int = 1 << 20  # memory of the amnesia-tax meter (chunk hashes, LRU-ish)
+    admin_token: str | None = field(default=None, repr=False)
+    admin_token_env: str = DEFAULT_ADMIN_TOKEN_ENV
+    config_path: str | None = None  # the YAML file, re-read on SIGHUP
+
+    def __post_init__(self) -> None:
+        for name, kind in (
+            ("host", str),
+            ("policy", str),
+            ("admin_token_env", str),
+            ("replica_header", bool),
+        ):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if self.admin_token is not None and not isinstance(self.admin_token, str):
+            raise ConfigError("admin_token must be a string")
+        if not isinstance(self.port, int) or isinstance(self.port, bool):
+            raise ConfigError(f"port must be an integer, got {self.port!r}")
+        _positive_ints(self, "max_inflight", "max_body_bytes", "breaker_failures", "chunk_chars")
+        _positive_ints(self, "block_size", "seen_chunks")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be within 0..65535, got {self.port}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        for name in (
+            "upstream_timeout_s",
+            "connect_timeout_s",
+            "scrape_interval_s",
+            "health_interval_s",
+            "breaker_cooldown_s",
+            "breaker_max_cooldown_s",
+            "shutdown_timeout_s",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"backend names must be unique; repeated: {', '.join(dupes)}")
+        self.make_policy()  # an unknown policy or parameter fails here, at startup
+
+    def make_policy(self) -> Policy:
+        """A fresh policy object from the spec (ConfigError listing known names/params)."""
+        try:
+            if self.policy_params is None:
+                return parse_policy_spec(self.policy)
+            return build_policy(self.policy, self.policy_params)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.partition(":")[0].strip()
+
+
+def _positive_ints(cfg: RouterConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_url(url: str, what: str) -> None:
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what} {url!r} is not a URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"{what} {url!r} must be an absolute http:// or https:// URL")
+    if parsed.query_string or parsed.fragment:
+        raise ConfigError(f"{what} {url!r} must not have a query or fragment")
+
+
+def parse_backend_flag(value: str) -> BackendConfig:
+    """`--backend URL` or `--backend NAME=URL`; an unnamed backend is named host:port."""
+    name, eq, url = value.partition("=")
+    if not eq or "://" in name:
+        name, url = "", value
+    url = url.strip()
+    check_url(url, "--backend")
+    if not name:
+        parsed = URL(url)
+        name = f"{parsed.host}:{parsed.port}"
+    return BackendConfig(name=name.strip(), url=url.rstrip("/"))
+
+
+def backend_from_mapping(raw: object, where: str) -> BackendConfig:
+    """One backend from YAML or an admin request body (ConfigError naming `where`)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping with name and url")
+    unknown = sorted(str(k) for k in raw if k not in _BACKEND_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_BACKEND_KEYS)}")
+    name, url = raw.get("name"), raw.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: url must be a string")
+    if name is None:
+        name = parse_backend_flag(url).name
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string")
+    models = raw.get("models", ())
+    if isinstance(models, str):
+        models = (models,)
+    if not isinstance(models, Sequence) or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{where}: models must be a list of strings")
+    kv_events = raw.get("kv_events")
+    if kv_events is not None and not isinstance(kv_events, str):
+        raise ConfigError(f"{where}: kv_events must be a string endpoint such as tcp://host:5557")
+    capacity = raw.get("kv_capacity_tokens")
+    if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
+        raise ConfigError(f"{where}: kv_capacity_tokens must be an integer")
+    return BackendConfig(
+        name=name, url=url.rstrip("/"), models=tuple(models), kv_events=kv_events, kv_capacity_tokens=capacity
+    )
+
+
+_FILE_KEYS = tuple(
+    f.name for f in dataclasses.fields(RouterConfig) if f.name not in ("config_path", "policy_params")
+)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML file as RouterConfig keyword arguments (ConfigError on anything unusable)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of settings")
+    unknown = sorted(str(k) for k in data if k not in _FILE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"config file {str(path)!r}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_FILE_KEYS)}"
+        )
+    kwargs: dict[str, Any] = dict(data)
+    raw_backends = kwargs.pop("backends", None) or []
+    if not isinstance(raw_backends, list):
+        raise ConfigError("backends must be a list")
+    kwargs["backends"] = tuple(backend_from_mapping(b, f"backends[{i}]") for i, b in enumerate(raw_backends))
+    policy = kwargs.get("policy")
+    if isinstance(policy, Mapping):
+        name, params = policy.get("name"), policy.get("params", {})
+        if not isinstance(name, str) or not isinstance(params, Mapping) or set(policy) - {"name", "params"}:
+            raise ConfigError("policy must be a spec string or a mapping {name: str, params: {...}}")
+        kwargs["policy"], kwargs["policy_params"] = name, dict(params)
+    elif policy is not None and not isinstance(policy, str):
+        raise ConfigError("policy must be a spec string or a mapping {name: str, params: {...}}")
+    return kwargs
+
+
+def build_config(
+    *,
+    config_path: str | Path | None = None,
+    backends: Sequence[BackendConfig] = (),
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RouterConfig:
+    """File (if any) < overrides (flags given on the command line), plus `--backend` additions."""
+    kwargs: dict[str, Any] = read_config_file(config_path) if config_path is not None else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            kwargs[key] = value
+    if "policy" in (overrides or {}) and overrides and overrides["policy"] is not None:
+        kwargs.pop("policy_params", None)  # a --policy flag replaces the file's policy whole
+    kwargs["backends"] = (*kwargs.get("backends", ()), *backends)
+    if config_path is not None:
+        kwargs["config_path"] = str(config_path)
+    env = os.environ if environ is None else environ
+    if not kwargs.get("admin_token"):
+        token = env.get(kwargs.get("admin_token_env") or DEFAULT_ADMIN_TOKEN_ENV, "")
+        kwargs["admin_token"] = token.strip() or None
+    try:
+        return RouterConfig(**kwargs)
+    except TypeError as exc:  # a YAML value of the wrong type reaching a comparison
+        raise ConfigError(f"invalid configuration: {exc}") from None

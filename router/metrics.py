@@ -1,0 +1,196 @@
+"""The router's Prometheus metrics, one registry per router, and the amnesia-tax meter.
+
+Rules:
+- One `CollectorRegistry` per `RouterMetrics` (never the global one), so several routers in one
+  process (tests, benchmarks) keep separate counts.
+- Label sets are bounded: `route` is the matched route's pattern (or "unmatched"), `code` the status,
+  `policy`/`reason` come from the policy's small fixed set, `replica` from the fleet (series of a
+  removed replica are deleted with it), `reason` of retries from `RETRY_REASONS`.
+- Names follow Prometheus' conventions (what `promtool check metrics` checks): `router_` prefix,
+  counters end in `_total`, units in the name (`_seconds`, `_tokens`).
+- Fleet-derived gauges (in-flight per replica, health, index entries) are set from the Fleet at
+  scrape time (`observe_fleet`), not on every request.
+
+The amnesia-tax meter, all in prompt tokens (a rate of each over `router_prompt_tokens_total`):
+- `router_logical_cached_tokens_total`: the part of each prompt whose chunks this router has seen
+  before, on any replica: what a fleet with one shared, never-forgetting cache would hit.
+- `router_expected_cached_tokens_total`: what the routing decision predicted the chosen replica holds.
+- `router_physical_cached_tokens_total`: what the replica reports it actually reused
+  (`usage.prompt_tokens_details.cached_tokens`), with `router_usage_prompt_tokens_total` the replica's
+  own count of those requests' prompt tokens, the right denominator for the physical hit rate.
+logical - physical is the tax: prefills the fleet recomputed although the prefix had been computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from router.fleet import Fleet
+
+RETRY_REASONS = ("connect_error", "upstream_5xx", "disconnected")
+# TTFT through the router: from a few ms (cached, idle) to minutes (long prefills in a queue).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class SeenChunks:
+    """A bounded memory of chained chunk hashes, approximately LRU, for the logical hit count.
+
+    Two generations of sets: new hashes (and hashes seen again) go into `young`; when it holds
+    `capacity / 2`, it becomes `old` and the previous old is dropped. So it always remembers at least
+    the last capacity/2 distinct chunks used and never more than `capacity`, at O(1) per chunk and
+    about a set slot plus a shared int per entry (the ints are the same objects the index holds).
+    """
+
+    __slots__ = ("_half", "_old", "_young")
+
+    def __init__(self, capacity: int = 1 << 20) -> None:
+        if capacity < 2:
+            raise ValueError("capacity must be at least 2")
+        self._half = capacity // 2
+        self._young: set[int] = set()
+        self._old: set[int] = set()
+
+    def __len__(self) -> int:
+        young = self._young
+        return len(young) + sum(1 for h in self._old if h not in young)
+
+    def match_and_add(self, chained: Sequence[int]) -> int:
+        """How many leading chunks of `chained` were seen before; then remember them all."""
+        matched, counting = 0, True
+        young, old = self._young, self._old
+        for h in chained:
+            if counting and (h in young or h in old):
+                matched += 1
+            else:
+                counting = False
+            if h not in young:
+                young.add(h)
+                if len(young) >= self._half:
+                    self._old, self._young = young, set()
+                    young, old = self._young, self._old
+        return matched
+
+
+class RouterMetrics:
+    """Every metric of one router, in its own registry; `render()` is the /metrics body."""
+
+    def __init__(self, seen_chunks_capacity: int = 1 << 20) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.seen = SeenChunks(seen_chunks_capacity)
+        self.requests = Counter(
+            "router_requests_total",
+            "HTTP requests answered, by route pattern and status code",
+            ["route", "code"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "router_routing_decisions_total",
+            "Routing decisions, by policy and the policy's reason",
+            ["policy", "reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "router_time_to_first_token_seconds",
+            "From request received to the replica's first body byte (streams) or whole body",
+            ["route"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "router_request_duration_seconds",
+            "Proxied requests, from received to last byte sent",
+            ["route"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "router_upstream_retries_total",
+            "Requests re-sent to another replica before any byte reached the client, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "router_upstream_errors_total",
+            "Failed exchanges with a replica, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.stream_interruptions = Counter(
+            "router_stream_interruptions_total",
+            "Streams cut by the replica after their first byte (ended with an SSE error event)",
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "router_client_disconnects_total", "Proxied requests abandoned by the client", registry=r
+        )
+        self.ejections = Counter(
+            "router_replica_ejections_total", "Circuit-breaker ejections, by replica", ["replica"], registry=r
+        )
+        self.scrape_errors = Counter(
+            "router_scrape_errors_total", "Failed /metrics scrapes, by replica", ["replica"], registry=r
+        )
+        self.inflight = Gauge("router_inflight_requests", "Proxied requests in flight", registry=r)
+        self.replica_inflight = Gauge(
+            "router_replica_inflight_requests",
+            "Requests this router has in flight on each replica",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_healthy = Gauge(
+            "router_replica_healthy",
+            "1 if the replica takes traffic (healthy, not draining), else 0",
+            ["replica"],
+            registry=r,
+        )
+        self.replicas = Gauge("router_replicas", "Replicas in the fleet", registry=r)
+        self.index_entries = Gauge("router_index_entries", "Prefix-index (hash, replica) entries", registry=r)
+        self.prompt_tokens = Counter(
+            "router_prompt_tokens_total",
+            "Prompt tokens routed (exact for token ids, else chars/4)",
+            registry=r,
+        )
+        self.logical_cached = Counter(
+            "router_logical_cached_tokens_total",
+            "Prompt tokens whose chunks this router had seen before on any replica",
+            registry=r,
+        )
+        self.expected_cached = Counter(
+            "router_expected_cached_tokens_total",
+            "Prompt tokens the routing decision expected the chosen replica to hold",
+            registry=r,
+        )
+        self.physical_cached = Counter(
+            "router_physical_cached_tokens_total",
+            "Prompt tokens the replicas reported as cache hits (usage.prompt_tokens_details)",
+            registry=r,
+        )
+        self.usage_prompt_tokens = Counter(
+            "router_usage_prompt_tokens_total",
+            "Prompt tokens the replicas reported, for responses that reported cached tokens",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_fleet(self, fleet: Fleet, inflight: int) -> None:
+        """Refresh the gauges derived from the Fleet (called when /metrics is scraped)."""
+        self.inflight.set(inflight)
+        self.replicas.set(len(fleet.replicas))
+        self.index_entries.set(fleet.index.size())
+        self.replica_inflight.clear()
+        self.replica_healthy.clear()
+        for name, state in fleet.replicas.items():
+            self.replica_inflight.labels(name).set(state.inflight_requests)
+            self.replica_healthy.labels(name).set(1 if state.available else 0)
+
+    def forget_replica(self, name: str) -> None:
+        """Drop a removed replica's labelled series, so churn cannot grow the exposition."""
+        for metric in (self.ejections, self.scrape_errors):
+            with contextlib.suppress(KeyError):
+                metric.remove(name)

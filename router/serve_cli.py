@@ -1,0 +1,245 @@
+"""`kvrouter serve`: the cache-aware, OpenAI-compatible reverse proxy in front of vLLM replicas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from router.config import DEFAULT_ADMIN_TOKEN_ENV, ConfigError, RouterConfig, build_config, parse_backend_flag
+
+DESCRIPTION = """\
+Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) and send each
+request to the replica whose KV cache most likely holds its prompt's prefix, keeping load balanced.
+Also: /health (router up), /ready (>= 1 healthy replica, else 503), /metrics (Prometheus), and
+/admin (only with an admin token). SIGHUP re-reads --config; SIGTERM/SIGINT shut down gracefully."""
+
+EPILOG = f"""\
+examples:
+  kvrouter serve --backend http://10.0.0.1:8000 --backend b=http://10.0.0.2:8000
+  kvrouter serve --config router.yaml --port 8080
+
+config file (YAML; every key optional, flags given on the command line win):
+  backends:
+    - name: a                      # unique; used in metrics, x-kvrouter-replica, /admin
+      url: http://10.0.0.1:8000
+      models: [llama-3.1-8b]       # default: whatever its /v1/models lists
+      kv_capacity_tokens: 500000   # default: from vllm:cache_config_info
+      kv_events: tcp://10.0.0.1:5557
+  policy: kvaware                  # or "name:key=value,..." or {{name: ..., params: {{...}}}}
+  host: 127.0.0.1
+  port: 8080
+  max_inflight: 1024
+  max_body_bytes: 8388608
+  max_retries: 2
+  upstream_timeout_s: 300
+  connect_timeout_s: 5
+  scrape_interval_s: 1.0
+  health_interval_s: 2.0
+  breaker_failures: 3
+  breaker_cooldown_s: 5
+  breaker_max_cooldown_s: 60
+  shutdown_timeout_s: 30
+  replica_header: true
+  chunk_chars: 64
+  block_size: 16
+  seen_chunks: 1048576
+  admin_token_env: {DEFAULT_ADMIN_TOKEN_ENV}   # or admin_token: ... (prefer the environment)"""
+
+# flag dest -> RouterConfig field (flags default to None so that the file's value stands)
+_OVERRIDES = {
+    "policy": "policy",
+    "host": "host",
+    "port": "port",
+    "replica_header": "replica_header",
+    "max_inflight": "max_inflight",
+    "max_body_bytes": "max_body_bytes",
+    "max_retries": "max_retries",
+    "upstream_timeout": "upstream_timeout_s",
+    "connect_timeout": "connect_timeout_s",
+    "scrape_interval": "scrape_interval_s",
+    "health_interval": "health_interval_s",
+    "breaker_failures": "breaker_failures",
+    "breaker_cooldown": "breaker_cooldown_s",
+    "shutdown_timeout": "shutdown_timeout_s",
+    "admin_token_env": "admin_token_env",
+}
+
+
+def register(commands: Any) -> None:
+    from router.policies.registry import describe_policies
+
+    d = RouterConfig.__dataclass_fields__
+    p = commands.add_parser(
+        "serve",
+        help="run the cache-aware OpenAI-compatible proxy in front of vLLM replicas",
+        description=DESCRIPTION,
+        epilog=EPILOG
+        + "\n\npolicies (name: what it does (parameters=defaults)):\n  "
+        + describe_policies().replace("\n", "\n  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration (re-read on SIGHUP)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="[NAME=]URL",
+        help="a replica's base URL, e.g. http://10.0.0.1:8000 (named host:port unless NAME= is given); "
+        "repeat for each replica; adds to the config file's backends",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="SPEC",
+        help=f"routing policy, NAME or NAME:key=value,... (default {d['policy'].default}; the policies are "
+        "listed below)",
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
+    p.add_argument(
+        "--no-replica-header",
+        dest="replica_header",
+        action="store_const",
+        const=False,
+        help="do not add the x-kvrouter-replica: NAME header to proxied responses",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        metavar="N",
+        help="proxied requests at once; more are refused with 429 + Retry-After (default 1024)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        metavar="N",
+        help="largest request body; larger is refused with 413 (default 8 MiB)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        metavar="K",
+        help="other replicas tried when one fails before any byte reached the client (default 2)",
+    )
+    p.add_argument(
+        "--upstream-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a replica may stay silent: before the first byte a 504, after it an SSE "
+        "error event ending the stream (default 300)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to open a connection to a replica before trying another (default 5)",
+    )
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        metavar="S",
+        help="seconds between scrapes of each replica's /metrics for load (default 1.0)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        metavar="S",
+        help="seconds between /health probes of each replica (default 2.0)",
+    )
+    p.add_argument(
+        "--breaker-failures",
+        type=int,
+        metavar="N",
+        help="consecutive failures (errors, 5xx, timeouts) that eject a replica (default 3)",
+    )
+    p.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        metavar="S",
+        help="seconds an ejected replica rests before a probe; doubles while it fails (default 5)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds requests in flight may take to finish (default 30)",
+    )
+    p.add_argument(
+        "--admin-token-env",
+        metavar="NAME",
+        help=f"environment variable holding the /admin bearer token (default {DEFAULT_ADMIN_TOKEN_ENV}); "
+        "without a token the admin API does not exist",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(default INFO)"
+    )
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    """The configuration the flags and the file describe (ConfigError if it is unusable)."""
+    backends = [parse_backend_flag(b) for b in args.backend]
+    overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()}
+    config = build_config(config_path=args.config, backends=backends, overrides=overrides)
+    if not config.backends and not config.admin_token:
+        raise ConfigError(
+            "no backends: give --backend URL, or --config FILE with backends (or an admin token)"
+        )
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"kvrouter serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    try:
+        uvloop.run(_serve(config, lambda: config_from_args(args)))
+    except OSError as exc:  # the port is taken, or the address is not ours
+        print(f"kvrouter serve: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: RouterConfig, source: Any) -> None:
+    from router.server import RouterServer
+
+    log = logging.getLogger("kvrouter")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    async def reload() -> None:
+        try:
+            diff = await server.reload()
+            log.info("reloaded: +%s -%s ~%s", list(diff.added), list(diff.removed), list(diff.updated))
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    server = RouterServer(config, config_source=source)
+    async with server:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        log.info(
+            "kvrouter serving on %s: %d backend(s), policy %s",
+            server.url,
+            len(config.backends),
+            config.policy,
+        )
+        await stop.wait()
+        log.info("shutting down: waiting up to %.0fs for requests in flight", config.shutdown_timeout_s)
