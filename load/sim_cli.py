@@ -1,8 +1,9 @@
 """`kvrouter sim`: every policy over the same seeded workload on a virtual clock, side by side.
 
-The default rate is the workload's `default_rate` for the fleet (load/workloads/base.py): the rate at
-which round robin's prefill demand is 1.2x what the fleet can prefill, so round robin saturates while
-a policy that keeps prefixes where they are cached has room to spare.
+The default rate is the workload's `default_rate` for the fleet (load/workloads/base.py), priced by
+the engine preset's `service_s`: the rate at which round robin's work (the prefill it cannot reuse,
+plus decode) is 1.2x what the fleet can do, so round robin saturates while a policy that keeps
+prefixes where they are cached has room to spare.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             rate=rate,
             requests=args.requests,
             prefill_tokens_per_s=preset.prefill_tokens_per_s,
+            service_s=preset.service_s,
         )
     if not requests:
         print("kvrouter sim: the workload produced no request", file=sys.stderr)

@@ -30,6 +30,7 @@ from load.workloads.base import (
     REFERENCE_PREFILL_TOKENS_PER_S,
     ChatMessage,
     RequestKind,
+    ServiceSeconds,
     Workload,
     WorkloadRequest,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "NoSharing",
     "Rag",
     "RequestKind",
+    "ServiceSeconds",
     "SharedPrefix",
     "Workload",
     "WorkloadRequest",
@@ -88,11 +90,12 @@ def make_workload(
     duration_s: float | None = None,
     model: str = DEFAULT_MODEL,
     prefill_tokens_per_s: float = REFERENCE_PREFILL_TOKENS_PER_S,
+    service_s: ServiceSeconds | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> list[WorkloadRequest]:
     """Requests of workload `name` in arrival order, at `rate` or the workload's default rate for
     `replicas` replicas of `prefill_tokens_per_s` each; at most `requests`, arriving before `duration_s`."""
     spec = workload_spec(name, params)
     if rate is None:
-        rate = spec.default_rate(replicas, prefill_tokens_per_s)
+        rate = spec.default_rate(replicas, prefill_tokens_per_s, service_s=service_s)
     return spec.generate(seed=seed, rate=rate, requests=requests, duration_s=duration_s, model=model)

@@ -16,16 +16,20 @@ Rules:
 
 Default rate (so that round robin saturates the fleet while a cache-aware policy has room to spare):
 
-    default_rate = overload x replicas x prefill_tokens_per_s / round_robin_prefill_tokens(replicas)
+    default_rate = overload x replicas / mean round-robin engine seconds per request
 
-with `overload` = 1.2 and `round_robin_prefill_tokens` measured, not guessed: the first 4,000
-requests for seed 0 at 1 request/s are dealt round-robin over `replicas` replicas with unbounded
-caches, and the mean prompt tokens per request that round robin still has to prefill (the prompt
-minus its leading 64-character chunks already seen on the same replica) is the denominator. So round
-robin's prefill demand alone is 1.2x what the fleet can prefill — it queues without bound — before
-any decode time, while a policy that keeps each prefix where it is cached prefills much less. The
-figure grows with `replicas` for shared-prefix workloads, since round robin recomputes every prefix
-on every replica; with no sharing it equals the mean prompt length. (Cached per parameter set.)
+with `overload` = 1.2. The denominator is measured, not guessed: the first 4,000 requests for seed 0
+at 1 request/s are dealt round-robin over `replicas` replicas with unbounded caches, and each request
+costs the engine seconds of what round robin leaves it to do — the prompt tokens not already cached
+on its replica (its leading 64-character chunks seen there before), and its decode — priced by
+`service_s(prefill_tokens, prompt_tokens, output_tokens)`, normally the engine preset's
+`Preset.service_s`. So round robin's demand is 1.2x what the fleet can serve and it queues without
+bound, while a policy that keeps each prefix where it is cached does less work per request. Decode
+counts: with 256 output tokens it is often most of a request's cost, and a rate set from prefill
+alone would saturate every policy on decode. Without `service_s`, prefill alone is priced at
+`prefill_tokens_per_s`. Round robin's share grows with `replicas` on shared-prefix workloads, since it
+recomputes every prefix on every replica; with no sharing it is the whole prompt. (Cached per
+parameter set.)
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import itertools
 import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -44,6 +48,8 @@ from load.workloads.text import CHARS_PER_TOKEN
 from router.index.chunking import DEFAULT_CHUNK_CHARS, hash_text, render_chat
 
 RequestKind = Literal["completion", "chat"]
+# Engine seconds of one request: (uncached prompt tokens, prompt tokens, output tokens) -> seconds.
+ServiceSeconds = Callable[[float, float, float], float]
 ChatMessage = Mapping[str, str]  # {"role": ..., "content": ...}; built as dicts, never mutated
 
 DEFAULT_MODEL = "kvrouter-emulated"  # callers pass their fleet's served model name
@@ -181,22 +187,30 @@ class Workload(ABC):
         prefill_tokens_per_s: float = REFERENCE_PREFILL_TOKENS_PER_S,
         *,
         overload: float = DEFAULT_OVERLOAD,
+        service_s: ServiceSeconds | None = None,
     ) -> float:
-        """Requests/s at which round robin's prefill demand is `overload` x the fleet's capacity."""
+        """Requests/s at which round robin's demand is `overload` x the fleet's capacity (see module doc)."""
         if replicas < 1 or not prefill_tokens_per_s > 0 or not overload > 0:
             raise ValueError("replicas, prefill_tokens_per_s and overload must be positive")
-        return overload * replicas * prefill_tokens_per_s / self.round_robin_prefill_tokens(replicas)
+        sample = _round_robin_sample(self, replicas)
+        if service_s is None:
+            seconds = sum(uncached for uncached, _, _ in sample) / prefill_tokens_per_s
+        else:
+            seconds = sum(service_s(uncached, prompt, output) for uncached, prompt, output in sample)
+        return overload * replicas * len(sample) / seconds
 
     def round_robin_prefill_tokens(self, replicas: int) -> float:
         """Mean prompt tokens per request round robin must prefill over `replicas` (module docstring)."""
-        return _measured_round_robin_prefill_tokens(self, replicas)
+        sample = _round_robin_sample(self, replicas)
+        return sum(uncached for uncached, _, _ in sample) / len(sample)
 
 
 @functools.lru_cache(maxsize=256)
-def _measured_round_robin_prefill_tokens(workload: Workload, replicas: int) -> float:
+def _round_robin_sample(workload: Workload, replicas: int) -> tuple[tuple[float, float, int], ...]:
+    """(uncached prompt tokens, prompt tokens, output tokens) per request, dealt round-robin."""
     sample = workload.generate(seed=0, rate=1.0, requests=_MEAN_SAMPLE_REQUESTS)
     seen: list[set[int]] = [set() for _ in range(replicas)]
-    uncached_chars = 0
+    out: list[tuple[float, float, int]] = []
     for i, req in enumerate(sample):
         text = render_chat(req.messages) if req.messages is not None else req.prompt or ""
         chained = hash_text(text, req.model).chained
@@ -207,8 +221,9 @@ def _measured_round_robin_prefill_tokens(workload: Workload, replicas: int) -> f
                 break
             hit += 1
         cache.update(chained)
-        uncached_chars += max(CHARS_PER_TOKEN, len(text) - hit * DEFAULT_CHUNK_CHARS)
-    return uncached_chars / len(sample) / CHARS_PER_TOKEN
+        uncached = max(CHARS_PER_TOKEN, len(text) - hit * DEFAULT_CHUNK_CHARS) / CHARS_PER_TOKEN
+        out.append((uncached, len(text) / CHARS_PER_TOKEN, req.max_tokens))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,7 +30,9 @@ def test_no_subcommand_is_a_usage_error() -> None:
 
 def test_bench_index_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "index.json"
-    result = run("bench", "index", "--blocks", "20000", "--replicas", "4", "--repeat", "3", "--json", str(out))
+    result = run(
+        "bench", "index", "--blocks", "20000", "--replicas", "4", "--repeat", "3", "--json", str(out)
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["blocks"] == 20000 and data["replicas"] == 4

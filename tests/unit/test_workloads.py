@@ -303,3 +303,13 @@ def test_no_sharing_shares_no_chunk_between_requests() -> None:
     content = [c for h in hashes for c in h.content]
     assert len(set(chained)) == len(chained) and len(set(content)) == len(content)
     assert all(r.prompt_tokens == 2176 for r in reqs)
+
+
+def test_default_rate_prices_decode_when_given_a_service_time() -> None:
+    spec = SharedPrefix()
+    prefill_only = spec.default_rate(4, 10_000.0)
+    # 1 ms per output token on top of the prefill: 256 output tokens cost 0.256 s a request.
+    with_decode = spec.default_rate(4, 10_000.0, service_s=lambda u, p, o: u / 10_000.0 + o * 0.001)
+    expected_s = spec.round_robin_prefill_tokens(4) / 10_000.0 + 256 * 0.001
+    assert with_decode == pytest.approx(1.2 * 4 / expected_s)
+    assert with_decode < prefill_only

@@ -95,6 +95,15 @@ class Preset:
         """Duration of a pure decode step of `batch` sequences (the inter-token latency)."""
         return self.step_duration(0, batch, batch * mean_context_tokens)
 
+    def service_s(self, prefill_tokens: float, prompt_tokens: float, output_tokens: float) -> float:
+        """Marginal engine seconds one request costs when batched with many others: its uncached
+        prefill, plus one decode slot per output token reading a context that grows from the prompt.
+        `base_s` is left out: a saturated engine shares it over a large batch. Used to set benchmark
+        rates from total work, not from prefill alone (decode is most of the work for long outputs)."""
+        mean_context = prompt_tokens + output_tokens / 2.0
+        decode = output_tokens * (self.s_per_decode_seq + mean_context * self.s_per_context_token)
+        return prefill_tokens * self.s_per_prefill_token + decode
+
     def prefill_s(self, tokens: int) -> float:
         """Time to prefill `tokens` alone, chunked by max_num_batched_tokens (no queueing, no decode)."""
         full, rest = divmod(tokens, self.max_num_batched_tokens)
