@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck unit demo clean
+.PHONY: setup test lint typecheck unit demo peers clean
 
 setup: $(STAMP)
 
@@ -26,9 +26,24 @@ typecheck: setup
 test: lint typecheck
 	$(BIN)/python -m pytest
 
+# The main job: an embedded emulated fleet, the router, and a mixed workload through it with
+# round_robin and then kvaware; prints the side-by-side table (about 75 s).
 demo: setup
-	@echo "make demo arrives with the proxy (issue 5); until then try: $(BIN)/kvrouter bench index --blocks 200000"
-	$(BIN)/kvrouter bench index --blocks 200000
+	$(BIN)/kvrouter demo
+
+# The routers kvrouter is benchmarked against (`kvrouter bench proxy --peers`), in their own venv, never
+# the project's: SGLang's model gateway and vLLM's router (Rust binaries in wheels). Pinned to the
+# versions measured (PyPI, 2026-11). The load generator is wrk: `apt-get install wrk`.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): Makefile
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet smg==1.13.0 vllm-router==0.1.17
+	touch $(PEERS_STAMP)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -43,17 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks that print ratios measured side by side in one run, and write JSON.",
     )
     bench_commands = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    from load import bench_index
+    from load import bench_index, bench_proxy
 
     bench_index.register(bench_commands)
+    bench_proxy.register(bench_commands)
     from workers.emulator import bench as bench_emulator
 
     bench_emulator.register(bench_commands)
     bench.set_defaults(func=lambda _args: _missing(bench))
 
-    from load import sim_cli
+    from load import demo, sim_cli
 
     sim_cli.register(commands)
+    demo.register(commands)
     from workers.emulator import cli as emulate_cli
 
     emulate_cli.register(commands)

@@ -53,3 +53,23 @@ def test_bench_index_rejects_bad_sizes() -> None:
     result = run("bench", "index", "--blocks", "0")
     assert result.returncode == 2
     assert "positive" in result.stdout
+
+
+def test_demo_runs_both_policies_and_prints_the_table() -> None:
+    result = subprocess.run(
+        [*KVROUTER, "demo", "--duration", "3"], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("policy"))
+    assert "hit" in header and "logical" in header and "p99" in header
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("round_robin", "kvaware"))}
+    assert set(rows) == {"round_robin", "kvaware"}
+    for cells in rows.values():
+        hit, logical = float(cells[1]), float(cells[2])
+        assert 0.0 <= hit <= logical + 1e-9 <= 1.0 + 1e-9
+
+
+def test_demo_rejects_bad_arguments() -> None:
+    assert run("demo", "--duration", "0").returncode == 2
+    assert run("demo", "--policies", "no_such_policy").returncode == 2

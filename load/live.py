@@ -1,0 +1,185 @@
+"""Drive a workload through a live OpenAI-compatible endpoint and record what each request saw.
+
+Rules:
+- Open loop: each request is sent at its `arrival_s` (scaled by `time_scale`) whatever happened to the
+  earlier ones, with at most `concurrency` in flight (a bound, so a saturated server cannot make the
+  client grow without limit); a request that waits for a slot is late, and its TTFT counts from its
+  scheduled arrival, as a user's would.
+- Every request streams with `stream_options.include_usage`, so TTFT is the first content chunk and
+  `usage.prompt_tokens_details.cached_tokens` (the physical hit) comes in the last chunk.
+- The replica is read from the router's `x-kvrouter-replica` header ("direct" when absent).
+- Failures (status >= 400, broken streams, timeouts) are records with `error` set, never exceptions.
+- Bounded in time: `deadline_s` after the first arrival every request still in flight is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from load.workloads import WorkloadRequest
+
+
+@dataclass(frozen=True, slots=True)
+class LiveResult:
+    request_id: str
+    replica: str
+    scheduled_s: float  # arrival on the run's clock
+    first_token_s: float | None
+    done_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    inter_token_s: float | None  # mean gap between content chunks after the first
+    error: str | None = None
+
+
+async def _one(
+    session: aiohttp.ClientSession, base_url: str, req: WorkloadRequest, scheduled: float, t0: float
+) -> LiveResult:
+    body = req.openai_body()
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    path = "/v1/chat/completions" if req.messages is not None else "/v1/completions"
+    first: float | None = None
+    last: float | None = None
+    gaps = 0.0
+    chunks = 0
+    usage: dict[str, object] = {}
+    replica = "direct"
+    try:
+        async with session.post(base_url + path, json=body) as resp:
+            replica = resp.headers.get("x-kvrouter-replica", "direct")
+            if resp.status >= 400:
+                text = (await resp.text())[:200]
+                return LiveResult(
+                    req.request_id,
+                    replica,
+                    scheduled,
+                    None,
+                    time.perf_counter() - t0,
+                    0,
+                    0,
+                    0,
+                    None,
+                    f"HTTP {resp.status}: {text}",
+                )
+            buffer = b""
+            async for data in resp.content.iter_any():
+                buffer += data
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    line = event.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        raise RuntimeError(str(chunk["error"])[:200])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    if chunk.get("choices"):
+                        now = time.perf_counter() - t0
+                        if first is None:
+                            first = now
+                        elif last is not None:
+                            gaps += now - last
+                            chunks += 1
+                        last = now
+    except (TimeoutError, aiohttp.ClientError, RuntimeError, ValueError) as exc:
+        return LiveResult(
+            req.request_id,
+            replica,
+            scheduled,
+            first,
+            time.perf_counter() - t0,
+            0,
+            0,
+            0,
+            None,
+            f"{type(exc).__name__}: {exc}"[:200],
+        )
+    done = time.perf_counter() - t0
+    details = usage.get("prompt_tokens_details") or {}
+    cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    prompt = int(usage.get("prompt_tokens") or 0)  # type: ignore[call-overload]
+    output = int(usage.get("completion_tokens") or 0)  # type: ignore[call-overload]
+    error = None if first is not None and usage else "stream ended without a token or usage"
+    return LiveResult(
+        req.request_id,
+        replica,
+        scheduled,
+        first,
+        done,
+        prompt,
+        cached,
+        output,
+        gaps / chunks if chunks else None,
+        error,
+    )
+
+
+async def drive(
+    base_url: str,
+    requests: Sequence[WorkloadRequest],
+    *,
+    concurrency: int = 64,
+    time_scale: float = 1.0,
+    deadline_s: float = 600.0,
+    request_timeout_s: float = 120.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LiveResult]:
+    """Send `requests` to `base_url` open-loop; one LiveResult per request, in completion order."""
+    if concurrency < 1 or time_scale <= 0:
+        raise ValueError("concurrency and time_scale must be positive")
+    slots = asyncio.Semaphore(concurrency)
+    results: list[LiveResult] = []
+    timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    start = requests[0].arrival_s if requests else 0.0
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+
+        async def send(req: WorkloadRequest) -> None:
+            scheduled = (req.arrival_s - start) * time_scale
+            delay = scheduled - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with slots:
+                result = await _one(session, base_url, req, scheduled, t0)
+            results.append(result)
+            if progress is not None:
+                progress(len(results), len(requests))
+
+        tasks = [asyncio.ensure_future(send(r)) for r in requests]
+        _done, pending = await asyncio.wait(tasks, timeout=deadline_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    finished = {r.request_id for r in results}
+    for req in requests:
+        if req.request_id not in finished:
+            scheduled = (req.arrival_s - start) * time_scale
+            results.append(
+                LiveResult(
+                    req.request_id,
+                    "none",
+                    scheduled,
+                    None,
+                    deadline_s,
+                    0,
+                    0,
+                    0,
+                    None,
+                    "cancelled at the deadline",
+                )
+            )
+    return results
