@@ -3,9 +3,10 @@
 Rules:
 - Two kinds of load, kept apart because they differ in freshness:
   * router-side lifecycle load, exact and fresh for the requests *this* router sent. Per request:
-    `routed` adds 1 request, its uncached prompt tokens to `inflight_prefill_tokens` and its prompt's KV
-    to `active_kv_tokens`; `first_token` (prefill done) moves it from prefill to decode (its prompt
-    tokens into `inflight_decode_tokens`); `done` removes it. This is Dynamo's predicted load (docs
+    `routed` adds 1 request, its uncached prompt tokens to `inflight_prefill_tokens`, its prompt's KV
+    to `active_kv_tokens` and its `max_tokens` to `inflight_output_tokens`; `first_token` (prefill
+    done) moves it from prefill to decode (its prompt tokens into `inflight_decode_tokens`, its
+    `max_tokens` into `decode_output_tokens`); `done` removes it. This is Dynamo's predicted load (docs
     anchors.md: updated at route, at first token and at finish).
   * engine-scraped signals (`num_requests_waiting`, `kv_cache_usage_perc`, ... from /metrics), which
     see every client but are a scrape interval old. `update_engine_metrics` also snapshots how many of
@@ -14,7 +15,8 @@ Rules:
     without counting ours twice.
 - `active_kv_tokens` counts a chunk shared by several in-flight requests once (a refcount per chained
   hash), as vLLM shares those blocks and Dynamo counts unique active blocks. Only prompt tokens count:
-  the router does not see output tokens until the end.
+  the router does not see output tokens until the end. What outputs can add is bounded apart, by the
+  requests' `max_tokens` (`inflight_output_tokens`; `committed_kv_tokens` is the sum of the two).
 - Per-request bookkeeping lives only while a request is in flight. `expire(now)` reaps requests
   older than `inflight_timeout_s` (a driver that lost a `done`), so memory stays bounded by the requests
   really in flight. Unknown or repeated ids in `first_token` / `done` are ignored and return False.
@@ -80,6 +82,12 @@ class ReplicaState:
     inflight_prefill_tokens: int = 0  # their uncached prompt tokens
     inflight_decode_tokens: int = 0  # prompt tokens of requests past their first token
     active_kv_tokens: float = 0.0  # unique prompt KV of all in-flight requests
+    inflight_output_tokens: int = 0  # max_tokens of all in-flight requests (KV outputs may grow into)
+    decode_output_tokens: int = 0  # max_tokens of the requests past their first token
+    # Since when the engine has been working on the oldest of our prefilling requests (FCFS): when it
+    # was routed to an idle prefill queue, or the last first token of a request before it. None when
+    # none of ours is prefilling.
+    prefill_since: float | None = None
     # Engine-scraped signals (stale by up to a scrape interval; every client's requests).
     num_requests_waiting: int = 0
     num_requests_running: int = 0
@@ -105,6 +113,15 @@ class ReplicaState:
         return self.inflight_requests - self.prefill_requests
 
     @property
+    def committed_kv_tokens(self) -> float:
+        """KV the in-flight requests hold or may still grow into: unique prompt KV + their max_tokens.
+
+        An upper bound (a request may stop before max_tokens), the KV a replica needs to finish its
+        in-flight requests without preempting any; compare with `kv_capacity_tokens`.
+        """
+        return self.active_kv_tokens + self.inflight_output_tokens
+
+    @property
     def active_blocks(self) -> int:
         return math.ceil(self.active_kv_tokens / self.block_size)
 
@@ -126,6 +143,7 @@ class _InFlight:
     routed_at: float
     prompt_tokens: int
     prefill_tokens: int
+    output_tokens: int  # the request's max_tokens
     chained: tuple[int, ...]
     chunk_tokens: float
     tail_tokens: float
@@ -298,14 +316,18 @@ class Fleet:
             routed_at=now,
             prompt_tokens=request.prompt_tokens,
             prefill_tokens=request.prompt_tokens - cached,
+            output_tokens=max(0, request.max_tokens),
             chained=chained,
             chunk_tokens=chunk_tokens,
             tail_tokens=max(0.0, request.prompt_tokens - len(chained) * chunk_tokens),
         )
         self._inflight[request.request_id] = rec
         state.inflight_requests += 1
+        if state.prefill_requests == 0:
+            state.prefill_since = now
         state.prefill_requests += 1
         state.inflight_prefill_tokens += rec.prefill_tokens
+        state.inflight_output_tokens += rec.output_tokens
         counts = self._refs[state.name]
         added = rec.tail_tokens
         for h in chained:
@@ -327,8 +349,10 @@ class Fleet:
         rec.prefilling = False
         state = self._replicas[rec.replica]
         state.prefill_requests -= 1
+        state.prefill_since = now if state.prefill_requests else None
         state.inflight_prefill_tokens -= rec.prefill_tokens
         state.inflight_decode_tokens += rec.prompt_tokens
+        state.decode_output_tokens += rec.output_tokens
         if self._policy is not None:
             self._policy.on_first_token(request_id, rec.replica, now)
         return True
@@ -346,11 +370,15 @@ class Fleet:
     def _release(self, rec: _InFlight) -> None:
         state = self._replicas[rec.replica]
         state.inflight_requests -= 1
+        state.inflight_output_tokens -= rec.output_tokens
         if rec.prefilling:
             state.prefill_requests -= 1
+            if not state.prefill_requests:
+                state.prefill_since = None
             state.inflight_prefill_tokens -= rec.prefill_tokens
         else:
             state.inflight_decode_tokens -= rec.prompt_tokens
+            state.decode_output_tokens -= rec.output_tokens
         counts = self._refs[rec.replica]
         removed = rec.tail_tokens
         for h in rec.chained:

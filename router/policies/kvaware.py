@@ -1,18 +1,53 @@
 """`kvaware` (the default): the replica with the smallest estimated time to first token, with a
 cache miss charged for the delay its extra prefill imposes on the requests queued behind it.
 
-Algorithm. For each candidate replica r (healthy, not draining, serving the model):
+Algorithm. For each candidate replica r (healthy, not draining, serving the model), in prefill
+tokens and prefill-token equivalents (one = 1 / prefill_rate(r) seconds of engine time):
 
-    queue_tokens(r) = in-flight prefill tokens(r)                          router-side, fresh
-                    + waiting_not_ours(r) * typical uncached tokens        scraped, stale
-    uncached(r)     = prompt tokens - cached(r)
-    TTFT(r)         = (queue_tokens(r) + uncached(r)) / prefill_rate(r)
-    score(r)        = TTFT(r) + recompute_weight * uncached(r) / prefill_rate(r)
+    queue(r)    = in-flight prefill tokens(r)                              router-side, fresh
+                  - progress(r)                                            floored at 0
+                  + waiting_not_ours(r) * typical uncached tokens          scraped, stale
+    uncached(r) = prompt tokens - cached(r)
+    step(r)     = step_base_tokens + decode_seq_tokens * decoding(r)
+                  + context_token_cost * (decoding prompts(r) + max_tokens of decoding(r) / 2)
+    steps(r)    = max(1, ceil((queue(r) + uncached(r)) / (step_token_budget - decoding(r))))
+    TTFT(r)     = (queue(r) + uncached(r) + steps(r) * step(r)) / prefill_rate(r)  [+ kv_wait(r)]
+    score(r)    = TTFT(r) + recompute_weight * uncached(r) / prefill_rate(r)
 
 - cached(r) = the request's consecutive chunks the Fleet's PrefixIndex says r holds, in tokens.
 - in-flight prefill tokens: the uncached prompt tokens of the requests this router sent to r whose first
   token has not come back (Fleet lifecycle: routed -> first token). It changes at every routing, so a
   burst spreads even while every scraped metric is still zero.
+- progress(r): vLLM prefills first come, first served, so since `ReplicaState.prefill_since` (the
+  routing of the oldest of our prefilling requests, or the last first token before it) the engine has
+  been working through that queue: (now - prefill_since) * prefill_rate * c / (c + step(r)), with
+  c = min(in-flight prefill tokens, step_token_budget) the prefill a step carries, is done and no longer
+  ahead of the request. Without it a replica whose only prefill is about to finish looked a whole
+  prefill busier than an idle one, and the fleet herded onto replicas with an empty queue: in the
+  simulator (8 x llama-8b-h100, 1,500 requests, default rate, seed 0) no-sharing's mean TTFT was 8%
+  above least_load's (0.305 s against 0.282); with it, equal (0.282).
+- step(r): every engine step that carries a prefill chunk also carries the fixed cost of a step and one
+  token of every decoding sequence, each attending to its context (vLLM's continuous batching; the
+  engine model's step time, workers/engine/presets.py, is linear in the same three inputs). decoding(r)
+  and their prompts are the router's own lifecycle counts (first token seen, not done); the outputs
+  they have generated are unseen, so half their max_tokens stands for them. vLLM gives each decoding
+  sequence one token of the step's budget, so a prefill takes steps(r) steps. This is what makes
+  decode load (batch size and context) part of the estimate: with the prefill-only estimate
+  two replicas with equal prefill queues tied whatever their decode batches.
+- The step coefficients are in prefill-token equivalents, so they scale with each replica's prefill
+  rate, and follow from published hardware figures (H100 SXM: 989 dense BF16 TFLOPS, 3.35 TB/s):
+  `step_base_tokens` 150: a step re-reads the weights (2 bytes a parameter, memory-bound, ~77% of
+  bandwidth) while a prefill token costs 2 FLOPs a parameter (~40% of peak): 989e12 * 0.4 /
+  (3.35e12 * 0.77) = 153 tokens whatever the model size (107 on an H200's 4.8 TB/s).
+  `decode_seq_tokens` 0.8: a decoding sequence computes one token, 2 FLOPs a parameter like a prefill
+  token, at a somewhat higher efficiency in a large batch (50% against 40%).
+  `context_token_cost` 1/800: attending to one context token reads its KV (128 KiB a token for
+  Llama-3.1-8B) at bandwidth, against 16 GFLOPs of compute for a prefill token: 131,072 / 16.06e9 * 153
+  = 1/800 (Qwen3-32B on 2 GPUs: ~1/1,600). Model-specific: set it for the served model.
+  `step_token_budget` 8192: vLLM's max_num_batched_tokens default on >= 70 GiB GPUs.
+  (These are the figures the engine model's llama-8b-h100 preset is derived from, so in the simulator
+  the model is right by construction for that preset; halving or doubling them is a fair robustness
+  check.)
 - Combining fresh and stale load without double counting: the engine's `num_requests_waiting` counts
   our queued requests too. The Fleet snapshots how many of ours were still prefilling when the metrics
   were scraped; only the excess (`ReplicaState.waiting_not_ours`: waiting - ours-at-scrape, floored at
@@ -27,9 +62,21 @@ Algorithm. For each candidate replica r (healthy, not draining, serving the mode
   of each of the seven built-in workloads at round robin's saturation rate, seed 0) that cascaded into
   4x SGLang's mean TTFT on shared-prefix. With `recompute_weight` 4 kvaware's mean TTFT was the best
   or within 1% of the best baseline's on all seven (1 and 2 still spill too often; 8 changed nothing
-  on shared-prefix). A holder is left only when its queue exceeds
-  another's by more than (1 + recompute_weight) x the cached tokens; planned replication of a hot
+  on shared-prefix). Re-measured with the step model (8 x llama-8b-h100, seed 0): 2 lowers agentic's
+  p99 (0.131 -> 0.093 s) but raises llmd-prefix's mean at 3,000 requests (3.19 -> 3.43 s), 8 the
+  reverse (3.11 s); 4 stays. A holder is left only when its TTFT exceeds another's by more than
+  recompute_weight x the prefill time of the tokens it would spare; planned replication of a hot
   prefix is the hot-prefix controller's job, not the router's.
+- kv_wait(r), opt-in (`kv_wait`, off by default): when the KV the in-flight requests have committed
+  (`ReplicaState.committed_kv_tokens`: unique prompt KV + their max_tokens) plus this request's
+  (prompt + max_tokens, less the chunks in-flight requests on r already use) exceeds
+  `kv_capacity_tokens`, the request waits for that excess to be freed: about excess / committed of a
+  request lifetime (mean max_tokens of the in-flight requests x step(r)), by Little's law. Off because
+  in the simulator it made things worse: on llmd-prefix (3,000 requests, where the whole fleet runs
+  out of KV during the ramp's peak) it moved requests off full holders onto other full replicas, each
+  move recomputing and duplicating a 6,000-token prefix: mean TTFT 3.19 s without, 5.56 with (4.46
+  counting only held KV, not max_tokens). Spilling does not create KV when every replica is short of
+  it; what would is admission control, which a router without a queue of its own cannot do.
 - Decision:
   * Some candidate holds part of the prefix: the smallest score wins ("prefix-hit", or "spill" when a
     replica without the prefix wins). Scores within `tie_epsilon_s` tie; ties go to the smallest
@@ -55,20 +102,28 @@ Algorithm. For each candidate replica r (healthy, not draining, serving the mode
 Parameters and defaults: `recompute_weight` 4.0, `group_chunks` 4 (256 characters with 64-character
 chunks: about a system prompt's opening), `ring_slack` 0.0, `tie_epsilon_s` 0.001 (25 tokens at the
 default 25K tokens/s), `scrape_max_age_s` 10, `similarity_credit` 0.0, `similarity_below` 0.5,
-`migration` true. The ring's 256 vnodes and 1.25 bound are KubeAI's defaults (anchors.md); the prefill
-rate is the replica's (FleetConfig default 25K tokens/s, anchors.md's H200 recompute figures).
+`migration` true, `step_base_tokens` 150, `decode_seq_tokens` 0.8, `context_token_cost` 0.00125
+(1/800), `step_token_budget` 8192 (all four derived above), `prefill_progress` true, `kv_wait` false
+(both measured above; setting the three step coefficients to 0 and `prefill_progress` to false gives
+the earlier prefill-only estimate). The ring's 256 vnodes and 1.25 bound are KubeAI's defaults
+(anchors.md); the prefill rate is the replica's (FleetConfig default 25K tokens/s, anchors.md's H200
+recompute figures).
 It avoids the anchors' known failures: a miss never goes to a busy replica just because its tree is
 small (SGLang); a burst spreads before metrics move (llm-d's stale queue scorer); under high load it
 keeps each group on its holder until the holder's queue outweighs recomputing the prefix, where
 SGLang's imbalance branch discards locality on a request-count difference of 32.
-Not modelled: decode interference and KV-capacity saturation (a replica whose KV is full queues new
-requests whatever its prefill queue says); the engine's waiting count covers the latter once scraped.
+Not modelled: the decode work a request adds to its replica's later steps (it lengthens the steps of
+every request that arrives there during its lifetime; a hot prefix's holder therefore keeps its group
+while its batch grows, see hot-prefix), and KV-capacity saturation unless `kv_wait` is on (a replica
+whose KV is full queues new requests whatever its prefill queue says; the engine's waiting count
+covers that once scraped).
 
 Config example: `--policy kvaware:recompute_weight=4,group_chunks=4,migration=false`
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,7 +132,7 @@ import mmh3
 from router.policies.base import Decision, PolicyBase, RequestView, candidates_or_raise
 
 if TYPE_CHECKING:
-    from router.fleet import Fleet
+    from router.fleet import Fleet, ReplicaState
     from router.index.similarity import Signature
 
 # Weight of the newest sample in the typical-uncached moving average: about the last 10 requests, so
@@ -95,13 +150,34 @@ class KvAwareParams:
     similarity_credit: float = 0.0
     similarity_below: float = 0.5
     migration: bool = True  # read by the hot-prefix controller (later issue), not by routing
+    # The step-time model, in prefill-token equivalents (see the module docstring for the derivation).
+    step_base_tokens: float = 150.0
+    decode_seq_tokens: float = 0.8
+    context_token_cost: float = 1.0 / 800.0
+    step_token_budget: int = 8192
+    prefill_progress: bool = True
+    kv_wait: bool = False
 
     def __post_init__(self) -> None:
         if self.group_chunks <= 0:
             raise ValueError("group_chunks must be positive")
-        if min(self.recompute_weight, self.ring_slack, self.tie_epsilon_s, self.scrape_max_age_s) < 0:
+        if self.step_token_budget <= 0:
+            raise ValueError("step_token_budget must be positive")
+        if (
+            min(
+                self.recompute_weight,
+                self.ring_slack,
+                self.tie_epsilon_s,
+                self.scrape_max_age_s,
+                self.step_base_tokens,
+                self.decode_seq_tokens,
+                self.context_token_cost,
+            )
+            < 0
+        ):
             raise ValueError(
-                "recompute_weight, ring_slack, tie_epsilon_s and scrape_max_age_s must be non-negative"
+                "recompute_weight, ring_slack, tie_epsilon_s, scrape_max_age_s and the step-time "
+                "coefficients must be non-negative"
             )
         if not 0.0 <= self.similarity_credit <= 1.0 or not 0.0 <= self.similarity_below <= 1.0:
             raise ValueError("similarity_credit and similarity_below must be within [0, 1]")
@@ -127,6 +203,8 @@ class Estimate:
     credited_tokens: int  # by similarity, on top of cached_tokens
     queue_tokens: float
     load_tokens: int
+    step_tokens: float = 0.0  # a step's non-prefill work (base + decodes), prefill-token equivalents
+    kv_wait_s: float = 0.0  # part of ttft_s: waiting for KV to free up (0 when the request fits)
 
 
 class KvAware(PolicyBase):
@@ -153,18 +231,58 @@ class KvAware(PolicyBase):
         credit = self._similarity_credit(request, fleet, max(cached.values()))
         # Before any routing, price others' waiting requests like this one (all of it uncached).
         typical = request.prompt_tokens if self._typical_uncached is None else self._typical_uncached
+        p = self.params
         out = []
         for s in candidates:
             hit = cached[s.name]
             extra = int(credit.get(s.name, 0.0) * (request.prompt_tokens - hit))
-            queue = (
-                s.inflight_prefill_tokens + s.waiting_not_ours(now, self.params.scrape_max_age_s) * typical
-            )
+            queue = s.inflight_prefill_tokens + s.waiting_not_ours(now, p.scrape_max_age_s) * typical
             uncached = request.prompt_tokens - hit - extra
-            ttft = (queue + uncached) / s.prefill_tokens_per_s
-            score = ttft + self.params.recompute_weight * uncached / s.prefill_tokens_per_s
-            out.append(Estimate(s.name, ttft, score, hit, extra, queue, s.inflight_tokens))
+            rate = s.prefill_tokens_per_s
+            step = self.step_tokens(s)
+            if p.prefill_progress and s.prefill_since is not None and queue > 0:
+                # The engine has been working through our queue since `prefill_since`, at the prefill
+                # rate less each step's other work; what it has done is no longer ahead of us.
+                chunk = min(float(s.inflight_prefill_tokens), p.step_token_budget)
+                done = max(0.0, now - s.prefill_since) * rate * chunk / (chunk + step)
+                queue = max(0.0, queue - min(done, s.inflight_prefill_tokens))
+            work = queue + uncached
+            # vLLM gives each decoding sequence one token of the step's budget; prefill gets the rest.
+            budget = max(1, p.step_token_budget - s.decode_requests)
+            steps = max(1, math.ceil(work / budget))
+            kv_wait = self._kv_wait_s(request, s, step, fleet) if p.kv_wait else 0.0
+            ttft = (work + steps * step) / rate + kv_wait
+            score = ttft + p.recompute_weight * uncached / rate
+            out.append(Estimate(s.name, ttft, score, hit, extra, queue, s.inflight_tokens, step, kv_wait))
         return out
+
+    def step_tokens(self, s: ReplicaState) -> float:
+        """A step's work besides prefill on `s`, in prefill-token equivalents: the fixed cost plus
+        each decoding sequence and the context it attends to (prompt + half its max_tokens, the mean
+        output length generated so far)."""
+        p = self.params
+        context = s.inflight_decode_tokens + 0.5 * s.decode_output_tokens
+        return p.step_base_tokens + p.decode_seq_tokens * s.decode_requests + p.context_token_cost * context
+
+    def _kv_wait_s(self, request: RequestView, s: ReplicaState, step: float, fleet: Fleet) -> float:
+        """Seconds before `s` has KV for this request to run to the end, 0 when it already has."""
+        capacity = s.kv_capacity_tokens
+        committed = s.committed_kv_tokens
+        if not capacity or committed <= 0 or not s.inflight_requests:
+            return 0.0
+        need = request.prompt_tokens + request.max_tokens
+        if committed + need <= capacity:
+            return 0.0  # fits even if it shares nothing
+        # Only chunks that in-flight requests on `s` already use are shared for free; cached but idle
+        # blocks are counted as free by the engine and become used again when this request takes them.
+        shared = fleet.active_chunks(s.name, request.hashes.chained) * request.tokens_per_chunk
+        over = committed + need - shared - capacity
+        if over <= 0:
+            return 0.0
+        # KV frees as in-flight requests finish: about `committed` tokens per request lifetime of
+        # (mean max_tokens) steps, so freeing `over` takes that share of a lifetime (Little's law).
+        lifetime_s = s.inflight_output_tokens / s.inflight_requests * step / s.prefill_tokens_per_s
+        return over / committed * lifetime_s
 
     def _similarity_credit(self, request: RequestView, fleet: Fleet, best_cached: int) -> dict[str, float]:
         self._pending_signature = None

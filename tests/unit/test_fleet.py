@@ -98,6 +98,33 @@ def test_first_token_moves_prefill_to_decode() -> None:
     assert state.inflight_tokens == r.prompt_tokens
 
 
+@pytest.mark.parametrize("finish_before_first_token", [False, True])
+def test_output_tokens_and_prefill_since_follow_the_lifecycle(finish_before_first_token: bool) -> None:
+    fleet = fleet_of("a")
+    state = fleet.replicas["a"]
+    r1 = make_request("r1", "m", prompt=SYSTEM + "one", max_tokens=100)
+    r2 = make_request("r2", "m", prompt=SYSTEM + "two", max_tokens=50)
+    fleet.routed(r1, Decision("a", 0, "fixed"), now=1.0)
+    fleet.routed(r2, Decision("a", 0, "fixed"), now=2.0)
+    assert (state.inflight_output_tokens, state.decode_output_tokens) == (150, 0)
+    assert state.prefill_since == 1.0  # the oldest prefilling request's routing
+    assert state.committed_kv_tokens == pytest.approx(state.active_kv_tokens + 150)
+    if finish_before_first_token:
+        fleet.done("r1", 3.0)
+        assert state.prefill_since == 1.0  # a failure says nothing about the engine's progress
+    else:
+        fleet.first_token("r1", 3.0)
+        assert state.prefill_since == 3.0  # the engine moved on to r2
+        assert state.decode_output_tokens == 100
+    fleet.first_token("r2", 4.0)
+    assert state.prefill_since is None
+    assert state.decode_output_tokens == (50 if finish_before_first_token else 150)
+    for rid in ("r1", "r2"):
+        fleet.done(rid, 5.0)
+    assert (state.inflight_output_tokens, state.decode_output_tokens) == (0, 0)
+    assert state.committed_kv_tokens == 0
+
+
 @pytest.mark.parametrize("method", ["first_token", "done"])
 def test_unknown_ids_are_ignored(method: str) -> None:
     fleet = fleet_of("a")

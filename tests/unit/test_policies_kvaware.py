@@ -17,6 +17,14 @@ from router.policies.registry import parse_policy_spec
 from router.policies.sglang import Sglang
 
 RATE = 1000.0  # prefill tokens/s, a round number for the arithmetic
+# The prefill-only model (no step overhead, no decode cost, no progress through the queue): the
+# arithmetic of the tests written for it stays exact; the step-time terms are tested on their own.
+PREFILL_ONLY = {
+    "step_base_tokens": 0.0,
+    "decode_seq_tokens": 0.0,
+    "context_token_cost": 0.0,
+    "prefill_progress": False,
+}
 _ids = itertools.count()
 
 
@@ -73,7 +81,7 @@ def test_ttft_and_score_arithmetic(
         add_prefill_load(fleet, "a", a_queue)
     fleet.update_engine_metrics("b", now=0.0, num_requests_waiting=2)
     # Attached after the load, so the typical uncached size is still this request's own.
-    policy = KvAware(KvAwareParams(recompute_weight=weight))
+    policy = KvAware(KvAwareParams(recompute_weight=weight, **PREFILL_ONLY))
     fleet.attach(policy)
     estimates = {e.replica: e for e in policy.estimates(r, fleet, now=1.0)}
     assert {n: e.ttft_s for n, e in estimates.items()} == pytest.approx(expected_ttft)
@@ -102,7 +110,7 @@ def test_our_own_queued_requests_are_not_counted_twice() -> None:
     for _ in range(3):
         add_prefill_load(fleet, "a", 100)
     fleet.update_engine_metrics("a", now=0.0, num_requests_waiting=3)
-    policy = KvAware()
+    policy = KvAware(KvAwareParams(**PREFILL_ONLY))  # no progress: the queue is as routed
     fleet.attach(policy)
     (estimate,) = policy.estimates(text_req(chars(3, 400)), fleet, now=0.5)
     assert estimate.queue_tokens == 300
@@ -113,9 +121,10 @@ def test_our_own_queued_requests_are_not_counted_twice() -> None:
 
 
 def test_decode_load_breaks_a_ttft_tie() -> None:
+    """With the prefill-only model a decoding request adds nothing to TTFT: the load breaks the tie."""
     fleet = bare_fleet("a", "b")
     add_prefill_load(fleet, "a", 1000, decoding=True)  # holds KV, adds no prefill queue
-    policy = KvAware()
+    policy = KvAware(KvAwareParams(**PREFILL_ONLY))
     fleet.attach(policy)
     r = text_req(chars(4, 640))
     for name in "ab":
@@ -124,6 +133,71 @@ def test_decode_load_breaks_a_ttft_tie() -> None:
         {"a": 0.0, "b": 0.0}, abs=1e-9
     )
     assert policy.choose(r, fleet, 0.0).replica == "b"
+
+
+def test_decode_load_lengthens_every_step_of_the_prefill() -> None:
+    """Default model: each step also carries the base cost and the decoding sequences' work, so a
+    replica decoding 1,000 prompt tokens' worth of context has the longer TTFT."""
+    fleet = bare_fleet("a", "b")
+    add_prefill_load(fleet, "a", 1000, decoding=True)  # 1 decoding sequence, max_tokens 16
+    policy = KvAware()
+    fleet.attach(policy)
+    r = text_req(chars(4, 640))  # 160 tokens, fully cached on both: 0 uncached, 1 step
+    for name in "ab":
+        fleet.index.insert(name, r.hashes.chained, 0.0)
+    base, seq, ctx = 150.0, 0.8, 1.0 / 800.0
+    estimates = {e.replica: e for e in policy.estimates(r, fleet, 0.0)}
+    assert estimates["b"].step_tokens == pytest.approx(base)
+    assert estimates["a"].step_tokens == pytest.approx(base + seq + ctx * (1000 + 16 / 2))
+    assert estimates["b"].ttft_s == pytest.approx(base / RATE)
+    assert estimates["a"].ttft_s == pytest.approx(estimates["a"].step_tokens / RATE)
+    assert policy.choose(r, fleet, 0.0).replica == "b"
+
+
+def test_a_long_queue_takes_one_step_overhead_per_budget_of_tokens() -> None:
+    fleet = bare_fleet("a")
+    policy = KvAware(KvAwareParams(step_token_budget=1000, prefill_progress=False))
+    fleet.attach(policy)
+    add_prefill_load(fleet, "a", 2500)
+    r = text_req(chars(9, 400))  # 100 tokens: 2,600 tokens of work = 3 steps of 1,000
+    (e,) = policy.estimates(r, fleet, 0.0)
+    assert e.ttft_s == pytest.approx((2600 + 3 * 150.0) / RATE)
+
+
+def test_queue_progress_since_the_head_started() -> None:
+    """The engine has been prefilling our queue since the head was routed: after 1 s at 1,000
+    tokens/s less each step's overhead (1,000 / (1,000 + 150) of it), that work is no longer ahead."""
+    fleet = bare_fleet("a")
+    policy = KvAware()
+    fleet.attach(policy)
+    add_prefill_load(fleet, "a", 3000)
+    assert fleet.replicas["a"].prefill_since == 0.0
+    r = text_req(chars(10, 400))
+    (at0,) = policy.estimates(r, fleet, 0.0)
+    (at1,) = policy.estimates(r, fleet, 1.0)
+    assert at0.queue_tokens == 3000
+    assert at1.queue_tokens == pytest.approx(3000 - 1000 * 3000 / 3150)
+    (late,) = policy.estimates(r, fleet, 100.0)
+    assert late.queue_tokens == 0  # never below nothing
+
+
+def test_kv_wait_when_the_request_does_not_fit() -> None:
+    """Opt-in (`kv_wait`): on a replica whose in-flight requests have committed its KV, the request
+    waits for the share of that KV it needs to be freed, a share of a request lifetime."""
+    fleet = Fleet(config=FleetConfig(prefill_tokens_per_s=RATE))
+    fleet.add_replica("full", kv_capacity_tokens=1200)
+    fleet.add_replica("free", kv_capacity_tokens=100_000)
+    policy = KvAware(KvAwareParams(kv_wait=True))
+    fleet.attach(policy)
+    add_prefill_load(fleet, "full", 1000, decoding=True)  # 1,000 prompt + 16 max_tokens committed
+    state = fleet.replicas["full"]
+    assert state.committed_kv_tokens == pytest.approx(1016)
+    r = text_req(chars(11, 800))  # 200 tokens + 16 max_tokens: 32 tokens over capacity
+    e = {x.replica: x for x in policy.estimates(r, fleet, 0.0)}
+    assert e["free"].kv_wait_s == 0.0
+    lifetime_s = 16 * e["full"].step_tokens / RATE
+    assert e["full"].kv_wait_s == pytest.approx((1016 + 216 - 1200) / 1016 * lifetime_s)
+    assert KvAware().estimates(r, fleet, 0.0)[0].kv_wait_s == 0.0  # off by default
 
 
 # -- new prefix groups: the ring ---------------------------------------------------------------
