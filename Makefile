@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck unit demo peers clean
+.PHONY: setup test lint typecheck unit demo loadtest peers clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,load]'
 	touch $(STAMP)
 
 lint: setup
@@ -30,6 +30,13 @@ test: lint typecheck
 # round_robin and then kvaware; prints the side-by-side table (about 75 s).
 demo: setup
 	$(BIN)/kvrouter demo
+
+# Locust (load/locustfile.py, every workload's users) headless for 20 s against `kvrouter serve` in front
+# of `kvrouter emulate`, all on loopback ports picked at run time; stops everything it started, leaves
+# the CSVs (locust_stats.csv, ...), locust.html and the logs in reports/loadtest/, and fails on any
+# failed request or without TTFT rows (load/check_locust.py).
+loadtest: setup
+	$(BIN)/python -m load.loadtest --out reports/loadtest --duration 20
 
 # The routers kvrouter is benchmarked against (`kvrouter bench proxy --peers`), in their own venv, never
 # the project's: SGLang's model gateway and vLLM's router (Rust binaries in wheels). Pinned to the

@@ -25,13 +25,12 @@ import argparse
 import asyncio
 import dataclasses
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from load.live import LiveResult, drive
-from load.report import RequestRecord, format_table, summarize
+from load.live import run_policy, to_records
+from load.report import format_table, summarize
 from load.sim import prepare
 from load.workloads import WorkloadRequest, make_workload, workload_spec
 from workers.engine import Preset, get_preset
@@ -92,51 +91,6 @@ def build_workload(preset: Preset, replicas: int, duration_s: float, seed: int) 
     return _mix(replicas, duration_s, seed, scale, preset)
 
 
-def _records(results: Sequence[LiveResult], logical: dict[str, int]) -> list[RequestRecord]:
-    return [
-        RequestRecord(
-            request_id=r.request_id,
-            replica=r.replica,
-            arrival_s=r.scheduled_s,
-            first_token_s=r.first_token_s if r.first_token_s is not None else r.done_s,
-            done_s=r.done_s,
-            prompt_tokens=r.prompt_tokens,
-            cached_tokens=r.cached_tokens,
-            logical_cached_tokens=min(logical.get(r.request_id, 0), r.prompt_tokens),
-            expected_cached_tokens=0,
-            output_tokens=r.output_tokens,
-        )
-        for r in results
-        if r.error is None and r.first_token_s is not None
-    ]
-
-
-async def run_policy(
-    policy: str, requests: Sequence[WorkloadRequest], preset: Preset, replicas: int
-) -> tuple[list[LiveResult], float]:
-    from router.config import BackendConfig, RouterConfig
-    from router.server import RouterServer
-    from workers.emulator.fleet import EmulatedFleet
-
-    async with EmulatedFleet(replicas=replicas, preset=preset, model=MODEL) as fleet:
-        backends = tuple(BackendConfig(f"replica-{i}", url) for i, url in enumerate(fleet.urls))
-        config = RouterConfig(backends=backends, policy=policy, port=0, max_inflight=4096)
-        async with RouterServer(config) as router:
-            shown = [0.0]
-
-            def progress(done: int, total: int) -> None:
-                now = time.monotonic()
-                if now - shown[0] > 0.5 or done == total:
-                    shown[0] = now
-                    print(f"\r  {policy:<14} {done:>5}/{total} requests", end="", file=sys.stderr, flush=True)
-
-            started = time.perf_counter()
-            results = await drive(router.url, requests, concurrency=512, deadline_s=120.0, progress=progress)
-            elapsed = time.perf_counter() - started
-            print(f"  ({elapsed:.0f} s)", file=sys.stderr)
-    return results, elapsed
-
-
 async def run_demo(policies: Sequence[str], duration_s: float, seed: int) -> dict[str, dict[str, Any]]:
     preset = demo_preset()
     requests = build_workload(preset, REPLICAS, duration_s, seed)
@@ -148,8 +102,8 @@ async def run_demo(policies: Sequence[str], duration_s: float, seed: int) -> dic
     )
     table: dict[str, dict[str, Any]] = {}
     for policy in policies:
-        results, elapsed = await run_policy(policy, requests, preset, REPLICAS)
-        records = _records(results, logical)
+        results, elapsed = await run_policy(policy, requests, preset, REPLICAS, model=MODEL)
+        records = to_records(results, logical)
         busy: dict[str, float] = defaultdict(float)
         for rec in records:
             busy[rec.replica] += rec.e2e_s  # request-seconds per replica: the live stand-in for busy time

@@ -10,19 +10,28 @@ Rules:
 - The replica is read from the router's `x-kvrouter-replica` header ("direct" when absent).
 - Failures (status >= 400, broken streams, timeouts) are records with `error` set, never exceptions.
 - Bounded in time: `deadline_s` after the first arrival every request still in flight is cancelled.
+- `run_policy` is one policy's live run (a FRESH in-process emulated fleet, so caches start cold, and a
+  router in front of it), shared by `kvrouter demo` and `kvrouter bench live`; `to_records` turns its
+  results into the records of load/report.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 
+from load.report import RequestRecord
 from load.workloads import WorkloadRequest
+
+if TYPE_CHECKING:
+    from workers.engine import Preset
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,3 +192,70 @@ async def drive(
                 )
             )
     return results
+
+
+def to_records(results: Sequence[LiveResult], logical: Mapping[str, int]) -> list[RequestRecord]:
+    """Records of the requests that completed (a first token and no error); `logical` maps request id
+    to its infinite-cache hit (load/sim.py `prepare`)."""
+    return [
+        RequestRecord(
+            request_id=r.request_id,
+            replica=r.replica,
+            arrival_s=r.scheduled_s,
+            first_token_s=r.first_token_s if r.first_token_s is not None else r.done_s,
+            done_s=r.done_s,
+            prompt_tokens=r.prompt_tokens,
+            cached_tokens=r.cached_tokens,
+            logical_cached_tokens=min(logical.get(r.request_id, 0), r.prompt_tokens),
+            expected_cached_tokens=0,
+            output_tokens=r.output_tokens,
+        )
+        for r in results
+        if r.error is None and r.first_token_s is not None
+    ]
+
+
+async def run_policy(
+    policy: str,
+    requests: Sequence[WorkloadRequest],
+    preset: Preset,
+    replicas: int,
+    *,
+    model: str,
+    concurrency: int = 512,
+    deadline_s: float = 120.0,
+) -> tuple[list[LiveResult], float]:
+    """One policy's live run: a fresh emulated fleet and a router in this process, `requests` driven
+    through the router; the results and the run's wall seconds. Draws a progress line on stderr."""
+    from router.config import BackendConfig, RouterConfig
+    from router.server import RouterServer
+    from workers.emulator.fleet import EmulatedFleet
+
+    async with EmulatedFleet(replicas=replicas, preset=preset, model=model) as fleet:
+        backends = tuple(BackendConfig(f"replica-{i}", url) for i, url in enumerate(fleet.urls))
+        config = RouterConfig(backends=backends, policy=policy, port=0, max_inflight=4096)
+        async with RouterServer(config) as router:
+            shown = [0.0]
+            started = time.perf_counter()
+
+            def progress(done: int, total: int) -> None:
+                now = time.monotonic()
+                if now - shown[0] > 0.5 or done == total:
+                    shown[0] = now
+                    width = 24
+                    filled = width * done // max(1, total)
+                    bar = "#" * filled + "." * (width - filled)
+                    elapsed = time.perf_counter() - started
+                    print(
+                        f"\r  {policy:<14} [{bar}] {done:>5}/{total} requests {elapsed:5.1f} s",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+            results = await drive(
+                router.url, requests, concurrency=concurrency, deadline_s=deadline_s, progress=progress
+            )
+            elapsed = time.perf_counter() - started
+            print(f"  ({elapsed:.0f} s)", file=sys.stderr)
+    return results, elapsed
