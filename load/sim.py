@@ -13,8 +13,16 @@ Rules:
 - The index is written at routing time (approximate mode, what the proxy does without KV events),
   sized from each replica's KV capacity as read from `vllm:cache_config_info`.
 - Network time is zero: TTFT is queueing plus prefill, the part routing can change.
-- Events at the same instant run step-ends first, then arrivals, then scrapes, in creation order:
-  a finished request frees its replica before a new one is routed, as in a real event loop.
+- Events at the same instant run step-ends first, then arrivals, then scrapes, then hot-prefix ticks
+  and migration completions, in creation order: a finished request frees its replica before a new one
+  is routed, as in a real event loop.
+- Hot-prefix migration (router/hot_prefix.py) runs for a kvaware spec with `migration` true: the
+  controller sees every routed request and ticks every `hot_tick_s`; each plan is a KV copy (the
+  emulator's P2P export/import) that completes after prefix tokens x kv_bytes_per_token / bandwidth
+  (+ overhead) of virtual time, when the target engine imports the blocks the source still holds
+  (`Engine.import_prefix`) and the index learns the new holder. A plan the controller makes a warm-up
+  (copy slower than recompute) is submitted to the target engine as a 1-token request and completes at
+  its first token. The transfer does not slow either engine (a NIC, not the GPU, moves it).
 
 Cost: O(steps x batch) engine work plus O(requests x prompt chunks) hashing. Steps grow with output
 tokens per replica (one decode step emits one token per running request), so the cost grows
@@ -32,8 +40,10 @@ from dataclasses import dataclass, field
 from load.report import RequestRecord
 from load.workloads import WorkloadRequest
 from router.fleet import Fleet, FleetConfig
+from router.hot_prefix import HotPrefixController, HotPrefixParams, MigrationPlan
 from router.index.chunking import DEFAULT_CHUNK_CHARS, hash_tokens
 from router.policies.base import NoReplicaAvailable, make_request
+from router.policies.kvaware import KvAwareParams
 from router.policies.registry import parse_policy_spec
 from workers.engine import Engine, Preset, StepResult
 from workers.engine import tokenizer as engine_tokenizer
@@ -43,7 +53,7 @@ from workers.engine import tokenizer as engine_tokenizer
 # picker refreshes every 50 ms. 1 s sits between and is what the proxy ships with.
 DEFAULT_SCRAPE_INTERVAL_S = 1.0
 
-_STEP_END, _ARRIVAL, _SCRAPE = 0, 1, 2
+_STEP_END, _ARRIVAL, _SCRAPE, _HOT_TICK, _MIGRATED = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,8 @@ class SimConfig:
     scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
     chunk_chars: int = DEFAULT_CHUNK_CHARS
     seed: int = 0
+    hot_tick_s: float = 0.5
+    copy_bytes_per_s: float | None = 25e9  # None: warm-up prefills only
 
 
 @dataclass(slots=True)
@@ -63,6 +75,7 @@ class SimResult:
     makespan_s: float = 0.0
     rejected: int = 0
     steps: int = 0
+    migrations: list[tuple[float, MigrationPlan, str]] = field(default_factory=list)  # (at, plan, outcome)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +133,20 @@ class Simulation:
         self._pending: dict[str, tuple[PreparedRequest, str, int]] = {}  # id -> (req, replica, expected)
         self._first_token_at: dict[str, float] = {}
         self.result = SimResult(policy_spec, busy_s=dict.fromkeys(self.engines, 0.0))
+        # The controller runs only for kvaware with migration on (the switch its params carry); it is
+        # read off the policy's params, the one place the spec's parameters live.
+        self.controller: HotPrefixController | None = None
+        kv_params = getattr(self.fleet.policy, "params", None)
+        if isinstance(kv_params, KvAwareParams) and kv_params.migration:
+            self.controller = HotPrefixController(
+                HotPrefixParams(
+                    group_chunks=kv_params.group_chunks,
+                    kv_bytes_per_token=preset.kv_bytes_per_token,
+                    copy_bytes_per_s=config.copy_bytes_per_s,
+                    step=kv_params,
+                )
+            )
+        self._warmups: dict[str, MigrationPlan] = {}  # warm-up request id -> plan
 
     def _push(self, time: float, kind: int, payload: object) -> None:
         self._serial += 1
@@ -135,6 +162,8 @@ class Simulation:
         if interval > 0 and requests:
             for name in self.engines:
                 self._push(rng.uniform(0.0, interval), _SCRAPE, name)
+        if self.controller is not None and requests:
+            self._push(requests[0].source.arrival_s + self.config.hot_tick_s, _HOT_TICK, None)
         total = len(requests)
         done = 0
         last_time = requests[0].source.arrival_s if requests else 0.0
@@ -151,6 +180,13 @@ class Simulation:
             elif kind == _ARRIVAL:
                 assert isinstance(payload, PreparedRequest)
                 self._arrive(payload, time)
+            elif kind == _HOT_TICK:
+                self._hot_tick(time)
+                if done + self.result.rejected < total:
+                    self._push(time + self.config.hot_tick_s, _HOT_TICK, None)
+            elif kind == _MIGRATED:
+                assert isinstance(payload, MigrationPlan)
+                self._copy_done(payload, time)
             else:
                 assert isinstance(payload, str)
                 self._scrape(payload, time)
@@ -177,6 +213,8 @@ class Simulation:
         except NoReplicaAvailable:
             self.result.rejected += 1
             return
+        if self.controller is not None:
+            self.controller.observe_routed(view, decision, now)
         engine = self.engines[decision.replica]
         try:
             engine.submit(src.request_id, prepared.token_ids, src.max_tokens, now)
@@ -203,10 +241,15 @@ class Simulation:
     def _deliver(self, name: str, step: StepResult) -> int:
         now = step.end
         for first in step.first_tokens:
+            if first.request_id in self._warmups:
+                self._warmup_done(self._warmups.pop(first.request_id), name, now)
+                continue
             self._first_token_at[first.request_id] = now
             self.fleet.first_token(first.request_id, now)
         finished = 0
         for fin in step.finished:
+            if fin.request_id not in self._pending:
+                continue  # a warm-up prefill's end
             prepared, replica, expected = self._pending.pop(fin.request_id)
             self.fleet.done(fin.request_id, now)
             self.result.records.append(
@@ -238,3 +281,42 @@ class Simulation:
             num_gpu_blocks=m.num_gpu_blocks,
             block_size=m.block_size,
         )
+
+    # -- hot-prefix migration ------------------------------------------------------------------
+
+    def _hot_tick(self, now: float) -> None:
+        assert self.controller is not None
+        for plan in self.controller.tick(now, self.fleet):
+            self.result.migrations.append((now, plan, "started"))
+            if plan.mechanism == "copy":
+                self._push(now + plan.estimated_s, _MIGRATED, plan)
+            else:
+                rid = f"warmup-{plan.plan_id}"
+                self._warmups[rid] = plan
+                self.engines[plan.target].submit(rid, self._plan_tokens(plan), 1, now)
+                if not self._busy[plan.target]:
+                    self._start_step(plan.target, now)
+
+    def _plan_tokens(self, plan: MigrationPlan) -> tuple[int, ...]:
+        if plan.prefix_token_ids is not None:
+            return plan.prefix_token_ids
+        return tuple(engine_tokenizer.encode(plan.prefix_text or ""))
+
+    def _copy_done(self, plan: MigrationPlan, now: float) -> None:
+        """The transfer finished: the target imports what the source still holds of the prefix."""
+        assert self.controller is not None
+        tokens = self._plan_tokens(plan)
+        source = self.engines.get(plan.source or "")
+        held = source.held_prefix_tokens(tokens) if source is not None else 0
+        imported = self.engines[plan.target].import_prefix(tokens[:held], now) if held else 0
+        if imported and self.controller.completed(plan.plan_id, self.fleet, now, imported):
+            self.result.migrations.append((now, plan, "completed"))
+        else:
+            self.controller.failed(plan.plan_id, now)
+            self.result.migrations.append((now, plan, "failed"))
+
+    def _warmup_done(self, plan: MigrationPlan, name: str, now: float) -> None:
+        assert self.controller is not None
+        held = self.engines[name].held_prefix_tokens(self._plan_tokens(plan))
+        ok = self.controller.completed(plan.plan_id, self.fleet, now, held)
+        self.result.migrations.append((now, plan, "completed" if ok else "failed"))

@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         )
         figures["sim_wall_s"] = round(time.perf_counter() - t0, 2)
         figures["engine_steps"] = outcome.steps
+        if sim.controller is not None:
+            outcomes = [o for _, _, o in outcome.migrations]
+            figures["migrations_completed"] = outcomes.count("completed")
+            figures["migrations_failed"] = outcomes.count("failed")
         results[spec] = figures
         ttfts[spec] = [r.ttft_s for r in outcome.records]
         print(f"  {figures['sim_wall_s']:.1f} s", file=sys.stderr)

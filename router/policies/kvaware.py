@@ -96,8 +96,10 @@ tokens and prefill-token equivalents (one = 1 / prefill_rate(r) seconds of engin
   ("similarity"). The signature is then added for the chosen replica, so the similarity index records
   where content first landed. Off by default: vLLM reuses prefixes only, and a cache hit then costs
   nothing here.
-- `migration` is not used in routing: the hot-prefix controller (a later issue) reads
-  `params.migration` to decide whether it may replicate a hot prefix group to another replica.
+- `migration` is not used in routing: the hot-prefix controller (router/hot_prefix.py) runs only when
+  it is true, and replicates a hot group's prefix to another replica; the index then lists that
+  replica as a holder once the copy completes, and the estimate above spreads the group over its
+  holders by itself (equal cached tokens, so the smaller TTFT wins: bounded by load, no extra rule).
 
 Parameters and defaults: `recompute_weight` 4.0, `group_chunks` 4 (256 characters with 64-character
 chunks: about a system prompt's opening), `ring_slack` 0.0, `tie_epsilon_s` 0.001 (25 tokens at the
@@ -149,7 +151,7 @@ class KvAwareParams:
     scrape_max_age_s: float = 10.0
     similarity_credit: float = 0.0
     similarity_below: float = 0.5
-    migration: bool = True  # read by the hot-prefix controller (later issue), not by routing
+    migration: bool = True  # read by the hot-prefix controller's drivers, not by routing
     # The step-time model, in prefill-token equivalents (see the module docstring for the derivation).
     step_base_tokens: float = 150.0
     decode_seq_tokens: float = 0.8
@@ -190,6 +192,14 @@ def group_key(request: RequestView, group_chunks: int) -> int:
         return chained[min(group_chunks, len(chained)) - 1]
     # Shorter than one chunk: the whole prompt (seeded by model, like the chunk chains).
     return mmh3.mmh3_x64_128_utupledigest(f"{request.model}\x00{request.text}".encode(), 0)[0]
+
+
+def step_tokens(s: ReplicaState, p: KvAwareParams) -> float:
+    """A step's work besides prefill on `s`, in prefill-token equivalents: the fixed cost plus
+    each decoding sequence and the context it attends to (prompt + half its max_tokens, the mean
+    output length generated so far). Shared with the hot-prefix controller's overload signal."""
+    context = s.inflight_decode_tokens + 0.5 * s.decode_output_tokens
+    return p.step_base_tokens + p.decode_seq_tokens * s.decode_requests + p.context_token_cost * context
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,12 +267,8 @@ class KvAware(PolicyBase):
         return out
 
     def step_tokens(self, s: ReplicaState) -> float:
-        """A step's work besides prefill on `s`, in prefill-token equivalents: the fixed cost plus
-        each decoding sequence and the context it attends to (prompt + half its max_tokens, the mean
-        output length generated so far)."""
-        p = self.params
-        context = s.inflight_decode_tokens + 0.5 * s.decode_output_tokens
-        return p.step_base_tokens + p.decode_seq_tokens * s.decode_requests + p.context_token_cost * context
+        """A step's work besides prefill on `s` (see the module function `step_tokens`)."""
+        return step_tokens(s, self.params)
 
     def _kv_wait_s(self, request: RequestView, s: ReplicaState, step: float, fleet: Fleet) -> float:
         """Seconds before `s` has KV for this request to run to the end, 0 when it already has."""
