@@ -22,6 +22,7 @@ keeping the fleet's load balanced, and shows what the fleet pays for recomputing
 EPILOG = """\
 examples:
   kvrouter sim --workload shared-prefix --replicas 8 --json reports/sim.json --plots reports/sim
+  kvrouter bench live --workload multi-turn --policies round_robin,kvaware --json reports/live.json
   kvrouter bench index --blocks 1000000 --replicas 16 --json reports/index.json
 
 See README.md and docs/ for the architecture, benchmarks and operations."""
@@ -43,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks that print ratios measured side by side in one run, and write JSON.",
     )
     bench_commands = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    from load import bench_index, bench_proxy
+    from load import bench_index, bench_live, bench_proxy
 
     bench_index.register(bench_commands)
     bench_proxy.register(bench_commands)
+    bench_live.register(bench_commands)
     from workers.emulator import bench as bench_emulator
 
     bench_emulator.register(bench_commands)
