@@ -57,9 +57,13 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(
             url = found.group(1) if found else None
         drain = asyncio.create_task(_drain(proc.stderr, logs))
 
-        async def names() -> list[str]:
+        async def replicas() -> list[dict[str, object]]:
             async with http.get(url + "/admin/replicas", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                return [x["name"] for x in (await r.json())["replicas"]]
+                found: list[dict[str, object]] = (await r.json())["replicas"]
+                return found
+
+        async def names() -> list[str]:
+            return [str(x["name"]) for x in await replicas()]
 
         assert await names() == ["a"]
         status, headers, _ = await post(http, url + "/v1/completions", completion())
@@ -67,13 +71,14 @@ async def test_serve_reloads_on_sighup_and_stops_on_sigterm(
 
         write_config(config, b, policy="round_robin")
         proc.send_signal(signal.SIGHUP)
-        current: list[str] = []
+        current: list[dict[str, object]] = []
         for _ in range(250):  # at most ~5 s
-            current = await names()
-            if current == ["b"]:
+            current = await replicas()
+            # A joining replica takes traffic only once its first health probe passed.
+            if [x["name"] for x in current] == ["b"] and current[0]["healthy"]:
                 break
             await asyncio.sleep(0.02)
-        assert current == ["b"]
+        assert [x["name"] for x in current] == ["b"] and current[0]["healthy"]
         status, headers, _ = await post(http, url + "/v1/completions", completion())
         assert status == 200 and headers[REPLICA_HEADER] == "b"
 
