@@ -199,12 +199,10 @@ async def bench(
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.policies.registry import parse_policy_spec, split_policy_specs
+    from router.policies.registry import checked_policy_specs
 
     try:
-        specs = split_policy_specs(args.policies)
-        for spec in specs:
-            parse_policy_spec(spec)
+        specs = checked_policy_specs(args.policies)
     except ValueError as exc:
         print(f"kvrouter bench live: {exc}", file=sys.stderr)
         return 2

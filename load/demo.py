@@ -130,12 +130,10 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.policies.registry import parse_policy_spec, split_policy_specs
+    from router.policies.registry import checked_policy_specs
 
-    policies = split_policy_specs(args.policies)
     try:
-        for spec in policies:
-            parse_policy_spec(spec)
+        policies = checked_policy_specs(args.policies)
     except ValueError as exc:
         print(f"kvrouter demo: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from typing import Any
 from load.report import format_table, plot_results, summarize
 from load.sim import DEFAULT_SCRAPE_INTERVAL_S, SimConfig, Simulation, prepare
 from load.workloads import WORKLOADS, make_workload
-from router.policies.registry import parse_policy_spec, split_policy_specs
+from router.policies.registry import checked_policy_specs
 from workers.engine import PRESETS, get_preset
 
 DEFAULT_POLICIES = "round_robin,random,least_load,power_of_two,chwbl,sglang,llmd,dynamo,kvaware"
@@ -52,9 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print("kvrouter sim: --replicas and --requests must be positive", file=sys.stderr)
         return 2
     try:
-        specs = split_policy_specs(args.policies)
-        for spec in specs:
-            parse_policy_spec(spec)
+        specs = checked_policy_specs(args.policies)
     except ValueError as exc:
         print(f"kvrouter sim: {exc}", file=sys.stderr)
         return 2

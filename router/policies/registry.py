@@ -174,6 +174,17 @@ def split_policy_specs(specs: str) -> list[str]:
     return out
 
 
+def checked_policy_specs(specs: str) -> list[str]:
+    """`split_policy_specs`, each spec built once to check it: ValueError (listing what is known) for
+    any bad one, or for none at all. For command lines that take a list of policies to compare."""
+    out = split_policy_specs(specs)
+    if not out:
+        raise ValueError(f"no policy given; known policies: {known_policies()}")
+    for spec in out:
+        parse_policy_spec(spec)
+    return out
+
+
 def parse_policy_spec(spec: str) -> Policy:
     """`name` or `name:key=value,key=value` -> a configured policy (ValueError listing what is known)."""
     name, _, rest = spec.strip().partition(":")

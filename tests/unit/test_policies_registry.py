@@ -11,6 +11,7 @@ from router.policies.registry import (
     DEFAULT_POLICY,
     POLICIES,
     build_policy,
+    checked_policy_specs,
     describe_params,
     describe_policies,
     parse_policy_spec,
@@ -164,3 +165,14 @@ def test_split_policy_specs(text: str, expected: list[str]) -> None:
     assert split_policy_specs(text) == expected
     for spec in expected:
         parse_policy_spec(spec)
+
+
+def test_checked_policy_specs_rejects_bad_or_empty_lists() -> None:
+    assert checked_policy_specs("round_robin,kvaware:migration=false") == [
+        "round_robin",
+        "kvaware:migration=false",
+    ]
+    with pytest.raises(ValueError, match="known policies"):
+        checked_policy_specs("round_robin,nope")
+    with pytest.raises(ValueError, match="no policy given"):
+        checked_policy_specs(" , ")
