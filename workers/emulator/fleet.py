@@ -113,7 +113,9 @@ class EmulatedFleet:
             await replica.stop()
         self.replicas = []
         if self._ctx is not None:
-            self._ctx.term()
+            # destroy, not term: after a start that failed half-way a socket may still be open, and
+            # term() would wait for it forever; linger 0 drops unsent events, as a stopped engine does.
+            self._ctx.destroy(linger=0)
             self._ctx = None
 
     async def __aenter__(self) -> EmulatedFleet:

@@ -71,21 +71,24 @@ class KVEventPublisher:
         return self._seq
 
     def start(self) -> None:
+        """Bind both sockets. A taken address is an OSError, as for the HTTP listener, and leaves no
+        socket open."""
         pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, self.hwm)
         pub.setsockopt(zmq.LINGER, 0)
-        pub.bind(self.endpoint)
-        self.endpoint = _last_endpoint(pub)
         self._pub = pub
+        _bind(pub, self.endpoint)
+        self.endpoint = _last_endpoint(pub)
         if self.replay_endpoint is not None:
             replay = self._ctx.socket(zmq.ROUTER)
             replay.setsockopt(zmq.LINGER, 0)
-            replay.bind(self.replay_endpoint)
-            self.replay_endpoint = _last_endpoint(replay)
             self._replay = replay
+            _bind(replay, self.replay_endpoint)
+            self.replay_endpoint = _last_endpoint(replay)
             self._replay_task = asyncio.create_task(self._serve_replay(replay), name="kv-replay")
 
     async def close(self) -> None:
+        """Close the sockets (also after a `start` that failed half-way)."""
         if self._replay_task is not None:
             self._replay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,3 +146,11 @@ class KVEventPublisher:
 def _last_endpoint(sock: zmq.asyncio.Socket) -> str:
     value = sock.getsockopt(zmq.LAST_ENDPOINT)
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bind(sock: zmq.asyncio.Socket, endpoint: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise OSError(exc.errno, f"cannot bind {endpoint}: {exc.strerror}") from None
