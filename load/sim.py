@@ -43,6 +43,7 @@ from load.workloads import WorkloadRequest
 from router.fleet import Fleet, FleetConfig
 from router.hot_prefix import HotPrefixController, HotPrefixParams, MigrationPlan
 from router.index.chunking import DEFAULT_CHUNK_CHARS, hash_tokens
+from router.index.seen import SeenChunks
 from router.policies.base import NoReplicaAvailable, make_request
 from router.policies.kvaware import KvAwareParams
 from router.policies.registry import parse_policy_spec
@@ -99,18 +100,12 @@ def prepare(requests: Sequence[WorkloadRequest], block_size: int) -> list[Prepar
     blocks of the request already seen in any earlier request, capped like vLLM's own (at least
     the last prompt token is always recomputed, so at most (n - 1) // block_size blocks).
     """
-    seen: set[int] = set()
+    seen = SeenChunks(capacity=None)
     out: list[PreparedRequest] = []
     for req in requests:
         text = engine_tokenizer.render_chat(req.messages) if req.messages is not None else req.prompt or ""
         ids = array("I", engine_tokenizer.encode(text))
-        blocks = hash_tokens(ids, req.model, block_size=block_size).chained
-        hit = 0
-        for h in blocks:
-            if h not in seen:
-                break
-            hit += 1
-        seen.update(blocks)
+        hit = seen.match_and_add(hash_tokens(ids, req.model, block_size=block_size).chained)
         hit = min(hit, (len(ids) - 1) // block_size) if ids else 0
         out.append(PreparedRequest(req, ids, hit * block_size))
     return out

@@ -24,56 +24,17 @@ logical - physical is the tax: prefills the fleet recomputed although the prefix
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from router.fleet import Fleet
+from router.index.seen import SeenChunks
 
 RETRY_REASONS = ("connect_error", "upstream_5xx", "disconnected")
 # TTFT through the router: from a few ms (cached, idle) to minutes (long prefills in a queue).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-
-
-class SeenChunks:
-    """A bounded memory of chained chunk hashes, approximately LRU, for the logical hit count.
-
-    Two generations of sets: new hashes (and hashes seen again) go into `young`; when it holds
-    `capacity / 2`, it becomes `old` and the previous old is dropped. So it always remembers at least
-    the last capacity/2 distinct chunks used and never more than `capacity`, at O(1) per chunk and
-    about a set slot plus a shared int per entry (the ints are the same objects the index holds).
-    """
-
-    __slots__ = ("_half", "_old", "_young")
-
-    def __init__(self, capacity: int = 1 << 20) -> None:
-        if capacity < 2:
-            raise ValueError("capacity must be at least 2")
-        self._half = capacity // 2
-        self._young: set[int] = set()
-        self._old: set[int] = set()
-
-    def __len__(self) -> int:
-        young = self._young
-        return len(young) + sum(1 for h in self._old if h not in young)
-
-    def match_and_add(self, chained: Sequence[int]) -> int:
-        """How many leading chunks of `chained` were seen before; then remember them all."""
-        matched, counting = 0, True
-        young, old = self._young, self._old
-        for h in chained:
-            if counting and (h in young or h in old):
-                matched += 1
-            else:
-                counting = False
-            if h not in young:
-                young.add(h)
-                if len(young) >= self._half:
-                    self._old, self._young = young, set()
-                    young, old = self._young, self._old
-        return matched
 
 
 class RouterMetrics:

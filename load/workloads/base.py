@@ -46,6 +46,7 @@ from typing import ClassVar, Literal
 
 from load.workloads.text import CHARS_PER_TOKEN
 from router.index.chunking import DEFAULT_CHUNK_CHARS, hash_text, render_chat
+from router.index.seen import SeenChunks
 
 RequestKind = Literal["completion", "chat"]
 # Engine seconds of one request: (uncached prompt tokens, prompt tokens, output tokens) -> seconds.
@@ -209,18 +210,11 @@ class Workload(ABC):
 def _round_robin_sample(workload: Workload, replicas: int) -> tuple[tuple[float, float, int], ...]:
     """(uncached prompt tokens, prompt tokens, output tokens) per request, dealt round-robin."""
     sample = workload.generate(seed=0, rate=1.0, requests=_MEAN_SAMPLE_REQUESTS)
-    seen: list[set[int]] = [set() for _ in range(replicas)]
+    seen = [SeenChunks(capacity=None) for _ in range(replicas)]
     out: list[tuple[float, float, int]] = []
     for i, req in enumerate(sample):
         text = render_chat(req.messages) if req.messages is not None else req.prompt or ""
-        chained = hash_text(text, req.model).chained
-        cache = seen[i % replicas]
-        hit = 0
-        for h in chained:
-            if h not in cache:
-                break
-            hit += 1
-        cache.update(chained)
+        hit = seen[i % replicas].match_and_add(hash_text(text, req.model).chained)
         uncached = max(CHARS_PER_TOKEN, len(text) - hit * DEFAULT_CHUNK_CHARS) / CHARS_PER_TOKEN
         out.append((uncached, len(text) / CHARS_PER_TOKEN, req.max_tokens))
     return tuple(out)

@@ -14,7 +14,7 @@ from router.breaker import Breaker, BreakerState
 from router.errors import ProxyError
 from router.fleet import Fleet
 from router.forward import HOP_BY_HOP, filter_headers, route_excluding
-from router.metrics import SeenChunks
+from router.index.seen import SeenChunks
 from router.openai_request import parse_body
 from router.policies.base import make_request
 from router.policies.registry import parse_policy_spec
