@@ -63,7 +63,8 @@ def error_body(
 def json_response(
     payload: object, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII escapes: a message may quote client text, lone surrogates included, which UTF-8 cannot carry.
+    body = json.dumps(payload, separators=(",", ":")).encode()
     return web.Response(body=body, status=status, headers=headers, content_type=JSON_CONTENT_TYPE)
 
 

@@ -83,12 +83,13 @@ class ChunkHashes:
 def model_seed(model: str, cache_salt: str | None = None) -> int:
     """The 64-bit root of every chain for this model (and salt): parent of the first chunk."""
     key = model if cache_salt is None else f"{model}\x00salt\x00{cache_salt}"
-    return _hash128(key.encode("utf-8"), 0)[0]
+    return _hash128(key.encode("utf-8", "surrogatepass"), 0)[0]
 
 
 def _encode(source: str | Sequence[int]) -> bytes:
     if isinstance(source, str):
-        return source.encode("utf-32-le")
+        # surrogatepass: JSON can carry lone surrogates ("\ud800"); they are still text to hash.
+        return source.encode("utf-32-le", "surrogatepass")
     try:
         return array("I", source).tobytes()
     except (OverflowError, TypeError) as exc:
@@ -118,11 +119,9 @@ def hash_text(
     """Chunk hashes of a completions prompt (or any rendered text)."""
     if chunk_chars <= 0:
         raise ValueError(f"chunk_chars must be positive, got {chunk_chars}")
-    data = text.encode("utf-32-le")
     seed = model_seed(model, cache_salt)
-    return ChunkHashes(
-        _chain(data, chunk_chars * _UNIT_BYTES, seed), data, seed, chunk_chars, len(text), "char"
-    )
+    chained = _chain(_encode(text), chunk_chars * _UNIT_BYTES, seed)
+    return ChunkHashes(chained, text, seed, chunk_chars, len(text), "char")
 
 
 def hash_tokens(

@@ -92,7 +92,9 @@ class Chwbl(PolicyBase):
             self._members |= missing
             self._rebuild()
         threshold = (sum(loads.values()) + 1) / len(loads) * self.params.mean_load_factor / 100
-        key = _hash128(chwbl_key(request, self.params.prefix_char_length).encode("utf-8"), 0)[0]
+        key = _hash128(
+            chwbl_key(request, self.params.prefix_char_length).encode("utf-8", "surrogatepass"), 0
+        )[0]
         n = len(self._points)
         start = bisect_left(self._points, key)
         chosen = None

@@ -191,7 +191,9 @@ def group_key(request: RequestView, group_chunks: int) -> int:
     if chained:
         return chained[min(group_chunks, len(chained)) - 1]
     # Shorter than one chunk: the whole prompt (seeded by model, like the chunk chains).
-    return mmh3.mmh3_x64_128_utupledigest(f"{request.model}\x00{request.text}".encode(), 0)[0]
+    return mmh3.mmh3_x64_128_utupledigest(
+        f"{request.model}\x00{request.text}".encode("utf-8", "surrogatepass"), 0
+    )[0]
 
 
 def step_tokens(s: ReplicaState, p: KvAwareParams) -> float:

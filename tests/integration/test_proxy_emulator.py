@@ -90,3 +90,29 @@ async def test_refused_connections_are_retried_and_a_hang_times_out(
     assert status == 504
     for replica in emulated.replicas:
         await replica.set_faults(Faults())
+
+
+async def test_lone_surrogates_in_a_prompt_are_text_not_a_server_error() -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); it must hash, route and tokenize like any text."""
+    import json
+
+    import aiohttp
+
+    from router.config import BackendConfig, RouterConfig
+    from router.server import RouterServer
+    from workers.emulator.fleet import EmulatedFleet
+
+    async with EmulatedFleet(2, "tiny") as fleet:
+        backends = tuple(BackendConfig(f"r{i}", url) for i, url in enumerate(fleet.urls))
+        async with RouterServer(RouterConfig(backends=backends, port=0)) as router:
+            # json.dumps writes lone surrogates as \\uXXXX escapes, as a client's JSON encoder would.
+            completion = {"model": fleet.model, "prompt": "\ud800 " + "x" * 200 + " \udfff", "max_tokens": 2}
+            chat = {"model": fleet.model, "messages": [{"role": "user", "content": "\udc80 hi"}]}
+            headers = {"Content-Type": "application/json"}
+            async with aiohttp.ClientSession() as session:
+                for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+                    raw = json.dumps(body)
+                    assert "\\ud" in raw or "\\udc80" in raw
+                    async with session.post(router.url + path, data=raw, headers=headers) as resp:
+                        assert resp.status == 200, await resp.text()
+                        assert (await resp.json())["usage"]["completion_tokens"] >= 1

@@ -38,7 +38,7 @@ def encode(text: str) -> list[int]:
     """Token ids of `text`: one per 4 code points (the last group zero-padded)."""
     if not text:
         return []
-    data = text.encode("utf-32-le")
+    data = text.encode("utf-32-le", "surrogatepass")  # JSON may carry lone surrogates: still text
     pad = -len(data) % _GROUP_BYTES
     if pad:
         data += bytes(pad)
