@@ -7,8 +7,13 @@ Rules:
 - With one, every request needs `Authorization: Bearer <token>`, compared with `hmac.compare_digest`
   on bytes (constant time, and safe for non-ASCII input); anything else is a 401.
 - Endpoints: GET /admin/replicas (state and load of each); POST /admin/replicas {name, url, models?,
-  kv_capacity_tokens?, kv_events?} → 201; DELETE /admin/replicas/{name}; POST
+  kv_capacity_tokens?, kv_events?, kv_transfer?} → 201; DELETE /admin/replicas/{name}; POST
   /admin/replicas/{name}/drain (optional body {"draining": false} to undrain); GET /admin/index.
+- Hot-prefix migration (only with kvaware and `migration` on; else 404): GET /admin/hot (the hottest
+  groups, keys as strings, and the migrations in flight); POST /admin/migrations {"group": "KEY",
+  "target": NAME} → 202 with the plan, which runs in the background (404 for an unknown group or
+  target, 400 for a forbidden group, a target that already holds it, or a spent budget); POST
+  /admin/hot/{group}/forbid (optional body {"forbidden": false} to allow again).
 - Replicas added here live until deleted here or a reload's configuration removes that name; a
   reload leaves alone the replicas it never configured.
 """
@@ -22,6 +27,7 @@ from aiohttp import web
 
 from router.config import ConfigError, backend_from_mapping
 from router.errors import ProxyError, json_response
+from router.migration import MigrationRunner, plan_json
 from router.proxy import STATE, Handler, RouterState, read_json_body
 from router.upstream import Replica
 
@@ -62,6 +68,7 @@ def _describe(state: RouterState, replica: Replica) -> dict[str, object]:
         "models": sorted(fs.models),
         "configured_models": list(replica.config.models),
         "kv_events": replica.config.kv_events,
+        "kv_transfer": replica.config.kv_transfer,
         "healthy": fs.healthy,
         "draining": fs.draining,
         "available": fs.available,
@@ -167,6 +174,59 @@ async def index_stats(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _runner(state: RouterState) -> MigrationRunner:
+    if state.migration is None:
+        raise web.HTTPNotFound()
+    return state.migration
+
+
+def _group_key(raw: object) -> int:
+    if isinstance(raw, str):
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+    raise ProxyError(
+        400, "group must be a group key as a decimal string", code="invalid_value", param="group"
+    )
+
+
+async def hot_groups(request: web.Request) -> web.StreamResponse:
+    return json_response(_runner(request.config_dict[STATE]).view())
+
+
+async def start_migration(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    runner = _runner(state)
+    body = await _json(request, required=True)
+    if not isinstance(body, dict):
+        raise ProxyError(400, 'body must be {"group": "KEY", "target": NAME}', code="invalid_value")
+    group, target = _group_key(body.get("group")), body.get("target")
+    if not isinstance(target, str):
+        raise ProxyError(400, "target must be a replica name", code="invalid_value", param="target")
+    try:
+        plan = runner.controller.plan_manual(group, target, state.fleet, state.clock())
+    except ValueError as exc:
+        status = 404 if str(exc).startswith("unknown") else 400
+        raise ProxyError(status, str(exc), code="migration_refused") from None
+    runner.launch(plan)
+    return json_response(plan_json(plan), status=202)
+
+
+async def forbid_group(request: web.Request) -> web.StreamResponse:
+    state = request.config_dict[STATE]
+    runner = _runner(state)
+    group = _group_key(request.match_info["group"])
+    body = await _json(request, required=False)
+    forbidden = body.get("forbidden", True) if isinstance(body, dict) else None
+    if not isinstance(forbidden, bool):
+        raise ProxyError(
+            400, 'body must be {} or {"forbidden": true|false}', code="invalid_value", param="forbidden"
+        )
+    runner.controller.forbid(group, forbidden)
+    return json_response({"group": str(group), "forbidden": forbidden})
+
+
 def build_admin_app() -> web.Application:
     app = web.Application(middlewares=[require_token])
     app.router.add_get("/replicas", list_replicas)
@@ -174,4 +234,7 @@ def build_admin_app() -> web.Application:
     app.router.add_delete("/replicas/{name}", delete_replica)
     app.router.add_post("/replicas/{name}/drain", drain_replica)
     app.router.add_get("/index", index_stats)
+    app.router.add_get("/hot", hot_groups)
+    app.router.add_post("/migrations", start_migration)
+    app.router.add_post("/hot/{group}/forbid", forbid_group)
     return app

@@ -5,7 +5,10 @@ Rules:
   which then keeps the running configuration) as a `ConfigError` that says which key and why.
 - The YAML file's top-level keys are the field names below; an unknown key is an error listing the
   known ones (a typo must not silently leave a default in force). `backends` is a list of mappings
-  with `name`, `url`, and optionally `models`, `kv_events`, `kv_capacity_tokens`.
+  with `name`, `url`, and optionally `models`, `kv_events`, `kv_capacity_tokens`, `kv_transfer`
+  ("p2p" or "warmup"; absent = warm-up, which works on any vLLM: how hot-prefix migrations reach it).
+- `migration_interval_s` (0.5): how often the hot-prefix controller ticks; it runs only when the policy
+  is kvaware with `migration` true (router/migration.py).
 - Precedence: a flag given on the command line > the file > the default. `--backend` flags add to
   the file's backends (names must stay unique).
 - The admin token comes from the file's `admin_token` or, if absent, from the environment variable
@@ -34,7 +37,8 @@ from router.policies.registry import DEFAULT_POLICY, build_policy, parse_policy_
 DEFAULT_ADMIN_TOKEN_ENV = "KVROUTER_ADMIN_TOKEN"
 # Replica names appear in metric labels, the x-kvrouter-replica header and admin URL paths.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_BACKEND_KEYS = ("name", "url", "models", "kv_events", "kv_capacity_tokens")
+_BACKEND_KEYS = ("name", "url", "models", "kv_events", "kv_capacity_tokens", "kv_transfer")
+KV_TRANSFERS = ("p2p", "warmup")
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,9 @@ class BackendConfig:
     models: tuple[str, ...] = ()  # empty: discovered from the replica's /v1/models
     kv_events: str | None = None  # the replica's ZMQ KV-event endpoint (recorded; see docs)
     kv_capacity_tokens: int | None = None  # else from vllm:cache_config_info when scraped
+    # How hot-prefix migrations reach this replica: "p2p" (KV export/import, the emulator's
+    # /kvrouter/kv/*; the source must be "p2p" too) or "warmup"/None (a 1-token prefill, any vLLM).
+    kv_transfer: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -62,6 +69,11 @@ class BackendConfig:
             raise ConfigError(f"backend {self.name!r}: models must be non-empty strings")
         if self.kv_capacity_tokens is not None and self.kv_capacity_tokens <= 0:
             raise ConfigError(f"backend {self.name!r}: kv_capacity_tokens must be positive")
+        if self.kv_transfer is not None and self.kv_transfer not in KV_TRANSFERS:
+            raise ConfigError(
+                f"backend {self.name!r}: kv_transfer must be one of {', '.join(KV_TRANSFERS)} "
+                f"(or absent), got {self.kv_transfer!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +99,7 @@ class RouterConfig:
     breaker_cooldown_s: float = 5.0  # first ejection length; doubles per failed probe
     breaker_max_cooldown_s: float = 60.0
     shutdown_timeout_s: float = 30.0  # graceful shutdown: how long in-flight requests may finish
+    migration_interval_s: float = 0.5  # hot-prefix controller ticks (kvaware with migration=true)
     chunk_chars: int = 64  # text chunk for the prefix index (router/index/chunking.py)
     block_size: int = 16  # token-id prompts are chunked in blocks of this many tokens
     seen_chunks: int = 1 << 20  # memory of the amnesia-tax meter (chunk hashes, LRU-ish)
@@ -121,6 +134,7 @@ class RouterConfig:
             "breaker_cooldown_s",
             "breaker_max_cooldown_s",
             "shutdown_timeout_s",
+            "migration_interval_s",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
@@ -201,8 +215,16 @@ def backend_from_mapping(raw: object, where: str) -> BackendConfig:
     capacity = raw.get("kv_capacity_tokens")
     if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
         raise ConfigError(f"{where}: kv_capacity_tokens must be an integer")
+    kv_transfer = raw.get("kv_transfer")
+    if kv_transfer is not None and not isinstance(kv_transfer, str):
+        raise ConfigError(f"{where}: kv_transfer must be one of {', '.join(KV_TRANSFERS)}")
     return BackendConfig(
-        name=name, url=url.rstrip("/"), models=tuple(models), kv_events=kv_events, kv_capacity_tokens=capacity
+        name=name,
+        url=url.rstrip("/"),
+        models=tuple(models),
+        kv_events=kv_events,
+        kv_capacity_tokens=capacity,
+        kv_transfer=kv_transfer,
     )
 
 

@@ -34,6 +34,7 @@ from yarl import URL
 from router.errors import ProxyError, sse_error_event
 from router.fleet import Fleet
 from router.metrics import RouterMetrics
+from router.migration import MigrationRunner
 from router.policies.base import Decision, NoReplicaAvailable, RequestView
 from router.upstream import Replica, ReplicaSet
 from router.usage import SSEUsageScanner, Usage, usage_from_body
@@ -94,6 +95,7 @@ class Exchange:
     clock: Callable[[], float]
     session: aiohttp.ClientSession
     policy_name: str
+    migration: MigrationRunner | None = None  # counts routed requests for the hot-prefix controller
 
     async def run(self) -> web.StreamResponse:
         cfg = self.replicas.config
@@ -110,6 +112,8 @@ class Exchange:
             if attempt and failure is not None:
                 self.metrics.retries.labels(failure.kind).inc()
             self.metrics.decisions.labels(self.policy_name, decision.reason).inc()
+            if self.migration is not None and not attempt:  # once a request, not once an attempt
+                self.migration.observe(self.view, decision)
             tried.append(replica.name)
             result = await self._attempt(replica, decision)
             if not isinstance(result, Failure):

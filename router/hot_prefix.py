@@ -451,6 +451,10 @@ class HotPrefixController:
         self._start(plan, g, now)
         return plan
 
+    def hot_count(self) -> int:
+        """Groups hot now (the router_hot_groups gauge)."""
+        return sum(1 for g in self._groups.values() if g.hot)
+
     @property
     def in_flight(self) -> list[MigrationPlan]:
         return list(self._in_flight.values())

@@ -5,7 +5,8 @@ Rules:
   process (tests, benchmarks) keep separate counts.
 - Label sets are bounded: `route` is the matched route's pattern (or "unmatched"), `code` the status,
   `policy`/`reason` come from the policy's small fixed set, `replica` from the fleet (series of a
-  removed replica are deleted with it), `reason` of retries from `RETRY_REASONS`.
+  removed replica are deleted with it), `reason` of retries from `RETRY_REASONS`, `outcome` of
+  migrations from `MIGRATION_OUTCOMES`; `router_hot_groups` is a count, with no per-group label.
 - Names follow Prometheus' conventions (what `promtool check metrics` checks): `router_` prefix,
   counters end in `_total`, units in the name (`_seconds`, `_tokens`).
 - Fleet-derived gauges (in-flight per replica, health, index entries) are set from the Fleet at
@@ -34,6 +35,8 @@ from router.index.seen import SeenChunks
 RETRY_REASONS = ("connect_error", "upstream_5xx", "disconnected")
 # TTFT through the router: from a few ms (cached, idle) to minutes (long prefills in a queue).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+MIGRATION_OUTCOMES = ("started", "completed", "failed")
+MIGRATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -134,6 +137,27 @@ class RouterMetrics:
             "router_usage_prompt_tokens_total",
             "Prompt tokens the replicas reported, for responses that reported cached tokens",
             registry=r,
+        )
+
+        self.migrations = Counter(
+            "router_migrations_total",
+            "Hot-prefix migrations, by outcome (started, completed, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in MIGRATION_OUTCOMES:
+            self.migrations.labels(outcome)
+        self.migration_bytes = Counter(
+            "router_migration_bytes_total", "KV bytes copied by completed hot-prefix migrations", registry=r
+        )
+        self.migration_duration = Histogram(
+            "router_migration_duration_seconds",
+            "Hot-prefix migrations, from start to the executor's answer (or failure)",
+            buckets=MIGRATION_BUCKETS,
+            registry=r,
+        )
+        self.hot_groups = Gauge(
+            "router_hot_groups", "Prefix groups the hot-prefix controller marks hot", registry=r
         )
 
     def render(self) -> bytes:

@@ -34,6 +34,7 @@ from router.errors import ProxyError, from_http_exception, json_response
 from router.fleet import Fleet, FleetConfig
 from router.forward import ClientGone, Exchange
 from router.metrics import RouterMetrics
+from router.migration import MigrationRunner, make_runner
 from router.openai_request import SESSION_HEADER, Endpoint, parse_body
 from router.policies.base import CHARS_PER_TOKEN
 from router.upstream import ReloadDiff, ReplicaSet, UpstreamClient
@@ -59,6 +60,7 @@ class RouterState:
     request_seq: int = 0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the probe and scrape loops
     probes: set[asyncio.Task[None]] = field(default_factory=set)  # first probes of joining replicas
+    migration: MigrationRunner | None = None  # the hot-prefix driver (kvaware with migration on)
 
 
 STATE = web.AppKey("kvrouter_state", RouterState)
@@ -73,7 +75,9 @@ def build_state(config: RouterConfig) -> RouterState:
     replicas = ReplicaSet(fleet, config, metrics)
     for backend in config.backends:
         replicas.add(backend)
-    return RouterState(config, fleet, replicas, metrics, config.policy_name)
+    state = RouterState(config, fleet, replicas, metrics, config.policy_name)
+    state.migration = make_runner(fleet, replicas, metrics, state.clock)
+    return state
 
 
 def apply_config(state: RouterState, new: RouterConfig) -> ReloadDiff:
@@ -85,6 +89,14 @@ def apply_config(state: RouterState, new: RouterConfig) -> ReloadDiff:
     if (new.policy, new.policy_params) != (old.policy, old.policy_params):
         state.fleet.attach(new.make_policy())
         state.policy_name = new.policy_name
+        old_runner = state.migration
+        state.migration = make_runner(state.fleet, state.replicas, state.metrics, state.clock)
+        if state.migration is not None:
+            state.migration.session = state.session
+        if old_runner is not None:  # its migrations report to a controller nobody reads any more
+            task = asyncio.create_task(old_runner.stop())
+            state.probes.add(task)
+            task.add_done_callback(state.probes.discard)
     state.config = state.replicas.config = new
     diff = state.replicas.apply(new.backends, old.backends)
     if state.upstream is not None:
@@ -210,6 +222,7 @@ async def _generation(request: web.Request, endpoint: Endpoint) -> web.StreamRes
             clock=state.clock,
             session=state.session,
             policy_name=state.policy_name,
+            migration=state.migration,
         )
         response = await exchange.run()
         state.metrics.e2e.labels(route).observe(state.clock() - started)
@@ -276,6 +289,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Own the session and the background loops: opened before serving, closed after."""
     state = app[STATE]
     state.session = _session(state.config)
+    if state.migration is not None:
+        state.migration.session = state.session
+
+    async def _migrate() -> None:  # the hot-prefix controller's tick (a no-op while migration is off)
+        if state.migration is not None:
+            state.migration.tick()
+
     upstream = state.upstream = UpstreamClient(state.session, state.replicas, state.clock)
     try:
         await upstream.health_round(initial=True)  # first health and models before the first request
@@ -286,9 +306,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             asyncio.create_task(
                 upstream.run_every(lambda: state.config.scrape_interval_s, upstream.scrape_round)
             ),
+            asyncio.create_task(upstream.run_every(lambda: state.config.migration_interval_s, _migrate)),
         ]
         yield
     finally:
+        if state.migration is not None:
+            await state.migration.stop()
         running = [*state.tasks, *state.probes]
         for task in running:
             task.cancel()

@@ -30,6 +30,7 @@ config file (YAML; every key optional, flags given on the command line win):
       models: [llama-3.1-8b]       # default: whatever its /v1/models lists
       kv_capacity_tokens: 500000   # default: from vllm:cache_config_info
       kv_events: tcp://10.0.0.1:5557
+      kv_transfer: warmup          # hot-prefix migrations: p2p (KV export/import) or warmup (default)
   policy: kvaware                  # or "name:key=value,..." or {{name: ..., params: {{...}}}}
   host: 127.0.0.1
   port: 8080
@@ -44,6 +45,7 @@ config file (YAML; every key optional, flags given on the command line win):
   breaker_cooldown_s: 5
   breaker_max_cooldown_s: 60
   shutdown_timeout_s: 30
+  migration_interval_s: 0.5        # hot-prefix controller tick (kvaware with migration=true only)
   replica_header: true
   chunk_chars: 64
   block_size: 16

@@ -71,7 +71,7 @@ async def test_exposition_follows_prometheus_conventions(
         if family.type == "histogram":
             assert name.endswith("_seconds"), name
     for label_set in (s.labels for f in families.values() for s in f.samples):
-        assert set(label_set) <= {"route", "code", "policy", "reason", "replica", "kind", "le"}
+        assert set(label_set) <= {"route", "code", "policy", "reason", "replica", "kind", "outcome", "le"}
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (apt-get install prometheus); conventions checked above")
     result = subprocess.run(

@@ -1,0 +1,160 @@
+"""The proxy's driver of the hot-prefix controller (router/hot_prefix.py): ticks, executes, reports.
+
+Rules:
+- It exists only when the policy is kvaware with `migration` true (`kvaware:migration=false` turns it
+  off); `make_runner` returns None otherwise, and then /admin/hot and /admin/migrations answer 404.
+- Every routed request is counted (`observe`, called by router/forward.py after each routing decision).
+- `tick` (every `migration_interval_s`, from the app's cleanup_ctx loop) asks the controller for plans
+  and starts each as a task. The controller bounds what is in flight (`max_concurrent`), so no extra
+  semaphore is needed; a plan also times out after the controller's `migration_timeout_s`.
+- A plan runs with the executor of its TARGET backend's `kv_transfer`: "p2p" (the emulator's
+  export/import) when the plan is a copy and its source backend is "p2p" too; otherwise a warm-up
+  prefill, which works on any vLLM. The controller indexes the target only on `completed`.
+- Metrics: `router_migrations_total{outcome}` (started, completed, failed), `router_migration_bytes_total`,
+  `router_migration_duration_seconds`, `router_hot_groups` (set at every tick).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from router.executors import MigrationFailed, P2PExecutor, WarmupExecutor
+from router.hot_prefix import HotPrefixController, HotPrefixParams, MigrationPlan
+from router.policies.kvaware import KvAwareParams
+
+if TYPE_CHECKING:
+    from router.fleet import Fleet
+    from router.metrics import RouterMetrics
+    from router.policies.base import Decision, RequestView
+    from router.upstream import ReplicaSet
+
+log = logging.getLogger("kvrouter.migration")
+
+
+class MigrationRunner:
+    """One controller, its executors, and the migrations running now."""
+
+    def __init__(
+        self,
+        controller: HotPrefixController,
+        fleet: Fleet,
+        replicas: ReplicaSet,
+        metrics: RouterMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.controller = controller
+        self.fleet = fleet
+        self.replicas = replicas
+        self.metrics = metrics
+        self.clock = clock
+        self.session: aiohttp.ClientSession | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def observe(self, request: RequestView, decision: Decision) -> None:
+        self.controller.observe_routed(request, decision, self.clock())
+
+    def tick(self) -> None:
+        for plan in self.controller.tick(self.clock(), self.fleet):
+            self.launch(plan)
+        self.metrics.hot_groups.set(self.controller.hot_count())
+
+    def launch(self, plan: MigrationPlan) -> None:
+        """Run a plan the controller has started (from `tick` or `plan_manual`) in the background."""
+        self.metrics.migrations.labels("started").inc()
+        task = asyncio.create_task(self._run(plan))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _kv_transfer(self, name: str | None) -> str | None:
+        replica = self.replicas.get(name) if name is not None else None
+        return replica.config.kv_transfer if replica is not None else None
+
+    async def _run(self, plan: MigrationPlan) -> None:
+        assert self.session is not None, "the cleanup context opens the session before any tick"
+        started = self.clock()
+        p2p = (
+            plan.mechanism == "copy"
+            and self._kv_transfer(plan.target) == "p2p"
+            and self._kv_transfer(plan.source) == "p2p"
+        )
+        block_size = self.replicas.config.block_size
+        executor = P2PExecutor(self.session) if p2p else WarmupExecutor(self.session, block_size)
+        urls = {r.name: r.url for r in self.replicas.all()}
+        held: int | None = None
+        try:
+            async with asyncio.timeout(self.controller.params.migration_timeout_s):
+                held = await executor.execute(plan, urls)
+        except (MigrationFailed, TimeoutError) as exc:
+            log.warning(
+                "migration %d of group %d to %s failed: %s", plan.plan_id, plan.group, plan.target, exc
+            )
+        except Exception:
+            log.exception("migration %d failed unexpectedly", plan.plan_id)
+        now = self.clock()
+        self.metrics.migration_duration.observe(now - started)
+        moved = self.controller.bytes_moved
+        if held is not None and self.controller.completed(plan.plan_id, self.fleet, now, held):
+            self.metrics.migrations.labels("completed").inc()
+            self.metrics.migration_bytes.inc(self.controller.bytes_moved - moved)
+        else:
+            self.controller.failed(plan.plan_id, now)
+            self.metrics.migrations.labels("failed").inc()
+
+    async def stop(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def view(self) -> dict[str, Any]:
+        """/admin/hot: the hottest groups and the migrations in flight (group keys as strings)."""
+        c = self.controller
+        groups = []
+        for g in c.groups(self.fleet, self.clock()):
+            d = asdict(g)
+            d["group"] = str(g.group)
+            groups.append(d)
+        return {
+            "groups": groups,
+            "in_flight": [plan_json(p) for p in c.in_flight],
+            "started": c.started,
+            "completed": c.completed_count,
+            "failed": c.failed_count,
+            "bytes_moved": c.bytes_moved,
+        }
+
+
+def plan_json(plan: MigrationPlan) -> dict[str, Any]:
+    return {
+        "plan_id": plan.plan_id,
+        "group": str(plan.group),
+        "model": plan.model,
+        "target": plan.target,
+        "source": plan.source,
+        "mechanism": plan.mechanism,
+        "prefix_tokens": plan.prefix_tokens,
+        "estimated_s": plan.estimated_s,
+        "bytes": plan.bytes,
+        "reason": plan.reason,
+    }
+
+
+def make_runner(
+    fleet: Fleet, replicas: ReplicaSet, metrics: RouterMetrics, clock: Callable[[], float]
+) -> MigrationRunner | None:
+    """A runner for the fleet's current policy, or None unless it is kvaware with migration on."""
+    params = getattr(fleet.policy, "params", None)
+    if not isinstance(params, KvAwareParams) or not params.migration:
+        return None
+    controller = HotPrefixController(HotPrefixParams(group_chunks=params.group_chunks, step=params))
+    return MigrationRunner(controller, fleet, replicas, metrics, clock)
