@@ -26,9 +26,12 @@ import heapq
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
 
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -63,6 +66,10 @@ class SimilarityIndex:
         self.per_replica = per_replica
         self.max_items = max_items
         self._seed = seed
+        # datasketch is imported here, not at module level: it pulls in scipy (about 0.6 s here), which
+        # everything importing router.index (the CLI's --help included) would otherwise pay.
+        from datasketch import MinHash, MinHashLSH
+
         template = MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, scheme="affine64")
         self._permutations = template.permutations
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -79,6 +86,8 @@ class SimilarityIndex:
             sample: Sequence[int] = heapq.nsmallest(self.max_items, distinct)
         else:
             sample = list(distinct)
+        from datasketch import MinHash  # already loaded by __init__: a dict lookup
+
         m = MinHash(
             num_perm=self.num_perm,
             seed=self._seed,
