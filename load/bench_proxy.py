@@ -40,23 +40,29 @@ import argparse
 import json
 import multiprocessing
 import os
-import re
 import select
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from load.loadgen import WRK_SCRIPT, Load
+from load.peers import (
+    READY_TIMEOUT_S,
+    Target,
+    check_answers,
+    cpu_seconds,
+    free_port,
+    kvrouter_target,
+    last_line,
+    peer_target,
+    start_target,
+    stop,
+)
 
 GOALS: dict[str, tuple[str, float]] = {
     "throughput_ratio": (">=", 0.7),
@@ -66,9 +72,6 @@ GOALS: dict[str, tuple[str, float]] = {
 MODES = ("non_streaming", "streaming")
 MODEL = "kvrouter-emulated"  # the emulator's default served model name
 PROMPTS = 16
-READY_TIMEOUT_S = 60.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def register(commands: Any) -> None:
@@ -117,56 +120,6 @@ def register(commands: Any) -> None:
 # ---------------------------------------------------------------- processes
 
 
-@dataclass
-class Target:
-    """One thing the load is sent to; `proc` is None for `direct` (the emulator itself)."""
-
-    name: str
-    what: str
-    url: str = ""
-    command: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
-    failure: str | None = None  # why it has no figures (the row says so)
-    mode_failures: dict[str, str] = field(default_factory=dict)
-    samples: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (Linux /proc; 0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime: fields 14 and 15 of stat
-
-
-def _last_line(log: Path | None) -> str:
-    if log is None or not log.exists():
-        return ""
-    lines = [_ANSI.sub("", line).strip() for line in log.read_text(errors="replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1][:300] if lines else ""
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 def start_emulator(replicas: int, log: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
     """`kvrouter emulate --profile instant` on ephemeral ports; its replica URLs once it is ready."""
     cmd = [sys.executable, "-m", "router.cli", "emulate", "--replicas", str(replicas), "--port", "0"]
@@ -189,15 +142,15 @@ def start_emulator(replicas: int, log: Path) -> tuple[subprocess.Popen[bytes], l
                 return proc, [line.split()[2] for line in lines if line.startswith("replica ")]
         elif proc.poll() is not None:
             break
-    _stop(proc)
-    raise RuntimeError(f"the emulator did not become ready: {_last_line(log) or 'no output'}")
+    stop(proc)
+    raise RuntimeError(f"the emulator did not become ready: {last_line(log) or 'no output'}")
 
 
 def proxy_targets(urls: list[str], peers: bool, peers_venv: Path) -> list[Target]:
     """The targets and the commands that start them (ports chosen now, free on loopback)."""
     backends = [arg for url in urls for arg in ("--backend", url)]
     targets = [Target("direct", f"replica 0 of {len(urls)} (no proxy)", url=urls[0])]
-    port = _free_port()
+    port = free_port()
     targets.append(
         Target(
             "bare",
@@ -206,94 +159,12 @@ def proxy_targets(urls: list[str], peers: bool, peers_venv: Path) -> list[Target
             command=[sys.executable, "-m", "load.bare_forwarder", "--port", str(port), *backends],
         )
     )
-    port = _free_port()
-    targets.append(
-        Target(
-            "kvrouter",
-            "kvrouter serve --policy kvaware",
-            url=f"http://127.0.0.1:{port}",
-            command=[
-                *(sys.executable, "-m", "router.cli", "serve", *backends, "--policy", "kvaware"),
-                *("--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"),
-            ],
-        )
-    )
-    if not peers:
-        return targets
-    bin_dir = peers_venv / "bin"
-    for name, what, argv, level in (
-        ("smg", "smg launch --policy cache_aware", ["launch"], "warn"),
-        ("vllm-router", "vllm-router --policy cache_aware", [], "warning"),
-    ):
-        port, metrics_port = _free_port(), _free_port()
-        # The metrics listener is bound to loopback and to a port of its own (both default to
-        # 0.0.0.0:29000); smg's tokenizer download is off: nothing here may leave the machine, and
-        # cache_aware matches characters, not tokens.
-        extra = ["--disable-tokenizer-autoload"] if name == "smg" else []
-        target = Target(name, what, url=f"http://127.0.0.1:{port}")
-        target.command = [str(bin_dir / name), *argv, "--worker-urls", *urls, "--policy", "cache_aware"]
-        target.command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", level]
-        target.command += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port), *extra]
-        if not (bin_dir / name).exists():
-            target.failure = f"not installed: {bin_dir / name} is missing (run `make peers`)"
-        targets.append(target)
+    targets.append(kvrouter_target("kvrouter", "kvaware", urls))
+    if peers:
+        bin_dir = peers_venv / "bin"
+        targets.append(peer_target("smg", "smg:cache_aware", urls, bin_dir))
+        targets.append(peer_target("vllm-router", "vllm-router:cache_aware", urls, bin_dir))
     return targets
-
-
-def _post(url: str, body: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def check_answers(url: str, body: bytes, stream: bool) -> tuple[int | None, str | None]:
-    """(HTTP status or None, None if `url` answered the request as vLLM would, else why not)."""
-    try:
-        status, answer = _post(url, body)
-    except OSError as exc:
-        return None, f"request failed: {exc}"
-    text = answer.decode(errors="replace")
-    if status != 200:
-        return status, f"refused the request: HTTP {status}: {text[:200]}"
-    if stream and not text.rstrip().endswith("data: [DONE]"):
-        return status, f"stream did not end with data: [DONE]: {text[-200:]!r}"
-    if not stream and '"choices"' not in text:
-        return status, f"answer has no choices: {text[:200]}"
-    return status, None
-
-
-def start_target(target: Target, logs: Path, body: bytes) -> None:
-    """Start the target's process (if any) and wait until it answers `body` with a 200.
-
-    Connection errors and 5xx are waited out (a router may answer 503 until it has seen a healthy
-    worker); a 4xx is final: the target is up and refuses this request."""
-    if target.failure is not None:
-        return
-    if target.command:
-        target.log = logs / f"{target.name}.log"
-        with target.log.open("wb") as out:
-            target.proc = subprocess.Popen(target.command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    problem: str | None = "no answer"
-    while time.monotonic() < deadline:
-        if target.proc is not None and target.proc.poll() is not None:
-            target.failure = f"exited with code {target.proc.returncode}: {_last_line(target.log)}"
-            return
-        status, problem = check_answers(target.url, body, stream=False)
-        if problem is None:
-            return
-        if status is not None and 400 <= status < 500:
-            break
-        time.sleep(0.5)
-    else:
-        problem = f"not ready within {READY_TIMEOUT_S:.0f}s: {problem}"
-    target.failure = problem
-    _stop(target.proc)
 
 
 # ---------------------------------------------------------------- the run
@@ -333,21 +204,21 @@ def measure(targets: list[Target], load: Load, args: argparse.Namespace, emulato
                     if target.failure is not None or mode in target.mode_failures:
                         continue
                     pids = [emulator_pid] + ([target.proc.pid] if target.proc is not None else [])
-                    before = [_cpu_seconds(pid) for pid in pids]
+                    before = [cpu_seconds(pid) for pid in pids]
                     try:
                         sample = load.run(target.url, mode, connections, seconds)
                     except (RuntimeError, subprocess.TimeoutExpired, multiprocessing.TimeoutError) as exc:
                         target.mode_failures[mode] = f"load failed: {exc}"
                         continue
                     n = sample["requests"]
-                    used = [_cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+                    used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
                     sample["emulator_cpu_us_per_request"] = used[0] / n * 1e6 if n else None
                     sample["cpu_us_per_request"] = used[1] / n * 1e6 if n and len(used) > 1 else None
                     target.samples.setdefault(mode, {}).setdefault(phase, []).append(sample)
                     if target.proc is not None and target.proc.poll() is not None:
                         target.failure = (
                             f"exited with code {target.proc.returncode} during the run: "
-                            f"{_last_line(target.log)}"
+                            f"{last_line(target.log)}"
                         )
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
 
@@ -542,8 +413,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
         finally:
             for target in targets:
-                _stop(target.proc)
-            _stop(emulator)
+                stop(target.proc)
+            stop(emulator)
 
     rows = {target.name: summarize(target) for target in targets}
     figures = headline(rows, args.peers)

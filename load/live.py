@@ -10,9 +10,10 @@ Rules:
 - The replica is read from the router's `x-kvrouter-replica` header ("direct" when absent).
 - Failures (status >= 400, broken streams, timeouts) are records with `error` set, never exceptions.
 - Bounded in time: `deadline_s` after the first arrival every request still in flight is cancelled.
-- `run_policy` is one policy's live run (a FRESH in-process emulated fleet, so caches start cold, and a
-  router in front of it), shared by `kvrouter demo` and `kvrouter bench live`; `to_records` turns its
-  results into the records of load/report.py.
+- `run_policy` is one policy's live run for `kvrouter demo` (a FRESH in-process emulated fleet, so
+  caches start cold, and a router in the same process); `kvrouter bench live` runs each router as a
+  process of its own instead (load/bench_live.py). `to_records` turns results into the records of
+  load/report.py; `progress_line` draws a run's progress bar.
 """
 
 from __future__ import annotations
@@ -48,13 +49,26 @@ class LiveResult:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One request as sent: its id, its path, its JSON body (without the stream flags) and its arrival."""
+
+    request_id: str
+    path: str
+    body: Mapping[str, object]
+    arrival_s: float
+
+    @classmethod
+    def of(cls, req: WorkloadRequest) -> Outgoing:
+        path = "/v1/chat/completions" if req.messages is not None else "/v1/completions"
+        return cls(req.request_id, path, req.openai_body(), req.arrival_s)
+
+
 async def _one(
-    session: aiohttp.ClientSession, base_url: str, req: WorkloadRequest, scheduled: float, t0: float
+    session: aiohttp.ClientSession, base_url: str, req: Outgoing, scheduled: float, t0: float
 ) -> LiveResult:
-    body = req.openai_body()
-    body["stream"] = True
-    body["stream_options"] = {"include_usage": True}
-    path = "/v1/chat/completions" if req.messages is not None else "/v1/completions"
+    body = {**req.body, "stream": True, "stream_options": {"include_usage": True}}
+    path = req.path
     first: float | None = None
     last: float | None = None
     gaps = 0.0
@@ -146,6 +160,28 @@ async def drive(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[LiveResult]:
     """Send `requests` to `base_url` open-loop; one LiveResult per request, in completion order."""
+    return await send(
+        base_url,
+        [Outgoing.of(r) for r in requests],
+        concurrency=concurrency,
+        time_scale=time_scale,
+        deadline_s=deadline_s,
+        request_timeout_s=request_timeout_s,
+        progress=progress,
+    )
+
+
+async def send(
+    base_url: str,
+    requests: Sequence[Outgoing],
+    *,
+    concurrency: int = 64,
+    time_scale: float = 1.0,
+    deadline_s: float = 600.0,
+    request_timeout_s: float = 120.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LiveResult]:
+    """`drive` for requests given as bodies (token-id prompts, say): the same open loop and records."""
     if concurrency < 1 or time_scale <= 0:
         raise ValueError("concurrency and time_scale must be positive")
     slots = asyncio.Semaphore(concurrency)
@@ -156,7 +192,7 @@ async def drive(
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
 
-        async def send(req: WorkloadRequest) -> None:
+        async def send_one(req: Outgoing) -> None:
             scheduled = (req.arrival_s - start) * time_scale
             delay = scheduled - (time.perf_counter() - t0)
             if delay > 0:
@@ -167,7 +203,7 @@ async def drive(
             if progress is not None:
                 progress(len(results), len(requests))
 
-        tasks = [asyncio.ensure_future(send(r)) for r in requests]
+        tasks = [asyncio.ensure_future(send_one(r)) for r in requests]
         _done, pending = await asyncio.wait(tasks, timeout=deadline_s) if tasks else (set(), set())
         for task in pending:
             task.cancel()
@@ -215,6 +251,28 @@ def to_records(results: Sequence[LiveResult], logical: Mapping[str, int]) -> lis
     ]
 
 
+def progress_line(label: str, started: float) -> Callable[[int, int], None]:
+    """A `drive` progress callback that redraws one stderr line at most twice a second."""
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] > 0.5 or done == total:
+            shown[0] = now
+            width = 24
+            filled = width * done // max(1, total)
+            bar = "#" * filled + "." * (width - filled)
+            elapsed = time.perf_counter() - started
+            print(
+                f"\r  {label:<24} [{bar}] {done:>5}/{total} requests {elapsed:5.1f} s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return progress
+
+
 async def run_policy(
     policy: str,
     requests: Sequence[WorkloadRequest],
@@ -233,28 +291,22 @@ async def run_policy(
 
     async with EmulatedFleet(replicas=replicas, preset=preset, model=model) as fleet:
         backends = tuple(BackendConfig(f"replica-{i}", url) for i, url in enumerate(fleet.urls))
-        config = RouterConfig(backends=backends, policy=policy, port=0, max_inflight=4096)
+        # The router is told the replicas' prefill speed, as an operator would (`--prefill-rate`).
+        config = RouterConfig(
+            backends=backends,
+            policy=policy,
+            port=0,
+            max_inflight=4096,
+            prefill_tokens_per_s=fleet.preset.prefill_tokens_per_s,
+        )
         async with RouterServer(config) as router:
-            shown = [0.0]
             started = time.perf_counter()
-
-            def progress(done: int, total: int) -> None:
-                now = time.monotonic()
-                if now - shown[0] > 0.5 or done == total:
-                    shown[0] = now
-                    width = 24
-                    filled = width * done // max(1, total)
-                    bar = "#" * filled + "." * (width - filled)
-                    elapsed = time.perf_counter() - started
-                    print(
-                        f"\r  {policy:<14} [{bar}] {done:>5}/{total} requests {elapsed:5.1f} s",
-                        end="",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-
             results = await drive(
-                router.url, requests, concurrency=concurrency, deadline_s=deadline_s, progress=progress
+                router.url,
+                requests,
+                concurrency=concurrency,
+                deadline_s=deadline_s,
+                progress=progress_line(policy, started),
             )
             elapsed = time.perf_counter() - started
             print(f"  ({elapsed:.0f} s)", file=sys.stderr)

@@ -112,10 +112,13 @@ def format_table(results: Mapping[str, Mapping[str, Any]], *, markdown: bool = F
     """A side-by-side table, one row per policy (plain text, or markdown for docs/BENCHMARKS.md)."""
     header = ["policy", *(title for _, title, _ in TABLE_COLUMNS)]
     rows = [header]
+    notes: list[str] = []
     for spec, figures in results.items():
-        if "error" in figures:
+        if "error" in figures and "ttft_mean_s" not in figures:
             rows.append([spec, f"did not run: {figures['error']}", *([""] * (len(TABLE_COLUMNS) - 1))])
             continue
+        if "error" in figures:  # it ran, then failed (a crash mid-run): its figures, and why they stop
+            notes.append(f"{spec}: {figures['error']}")
         cells = [spec]
         for key, _, fmt in TABLE_COLUMNS:
             value = figures.get(key)
@@ -128,13 +131,17 @@ def format_table(results: Mapping[str, Mapping[str, Any]], *, markdown: bool = F
     if markdown:
         lines = ["| " + " | ".join(row) + " |" for row in rows]
         lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
-        return "\n".join(lines)
+        return "\n".join([*lines, *(f"\n{note}" for note in notes)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
-        "  ".join(
-            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
+        [
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+        + notes
     )
 
 

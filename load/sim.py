@@ -54,6 +54,8 @@ from workers.engine import tokenizer as engine_tokenizer
 # (the proxy's default), and Prometheus' own default scrape_interval is 15 s; llm-d's endpoint
 # picker refreshes every 50 ms. 1 s sits between and is what the proxy ships with.
 DEFAULT_SCRAPE_INTERVAL_S = 1.0
+# A hot-prefix copy's link: a 25 GB/s RDMA/NIXL link, as router/hot_prefix.py assumes by default.
+DEFAULT_COPY_BYTES_PER_S = 25e9
 
 _STEP_END, _ARRIVAL, _SCRAPE, _HOT_TICK, _MIGRATED = 0, 1, 2, 3, 4
 
@@ -66,7 +68,11 @@ class SimConfig:
     chunk_chars: int = DEFAULT_CHUNK_CHARS
     seed: int = 0
     hot_tick_s: float = 0.5
-    copy_bytes_per_s: float | None = 25e9  # None: warm-up prefills only
+    copy_bytes_per_s: float | None = DEFAULT_COPY_BYTES_PER_S  # None: warm-up prefills only
+    # What the router believes a replica prefills per second. None: the preset's own rate, as if the
+    # router had been told; a live `kvrouter serve` has no such setting and assumes FleetConfig's
+    # default (an H200's), which is what a simulation of a live run must give it.
+    router_prefill_tokens_per_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -120,7 +126,10 @@ class Simulation:
         preset = config.preset
         self.fleet = Fleet(
             parse_policy_spec(policy_spec),
-            FleetConfig(prefill_tokens_per_s=preset.prefill_tokens_per_s, block_size=preset.block_size),
+            FleetConfig(
+                prefill_tokens_per_s=config.router_prefill_tokens_per_s or preset.prefill_tokens_per_s,
+                block_size=preset.block_size,
+            ),
         )
         self.engines: dict[str, Engine] = {}
         for i in range(config.replicas):

@@ -6,9 +6,13 @@ Rules:
   answers 404 like any unknown route. A reload that sets a token turns it on.
 - With one, every request needs `Authorization: Bearer <token>`, compared with `hmac.compare_digest`
   on bytes (constant time, and safe for non-ASCII input); anything else is a 401.
-- Endpoints: GET /admin/replicas (state and load of each); POST /admin/replicas {name, url, models?,
-  kv_capacity_tokens?, kv_events?, kv_transfer?} → 201; DELETE /admin/replicas/{name}; POST
-  /admin/replicas/{name}/drain (optional body {"draining": false} to undrain); GET /admin/index.
+- Endpoints: GET /admin/replicas (state, load and KV-event stream, `kv_event_state`, of each); POST
+  /admin/replicas {name, url, models?, kv_capacity_tokens?, kv_events?, kv_events_replay?,
+  kv_events_topic?, kv_transfer?, lmcache_instance_id?, nixl_host?, nixl_port?} → 201
+  (400 when its kv_transfer cannot work among the others: "lmcache" without the router's
+  `lmcache_controller_url`, or an LMCache instance id or NIXL address another replica has); DELETE
+  /admin/replicas/{name}; POST /admin/replicas/{name}/drain (optional body {"draining": false} to
+  undrain); GET /admin/index.
 - Hot-prefix migration (only with kvaware and `migration` on; else 404): GET /admin/hot (the hottest
   groups, keys as strings, and the migrations in flight); POST /admin/migrations {"group": "KEY",
   "target": NAME} → 202 with the plan, which runs in the background (404 for an unknown group or
@@ -25,8 +29,9 @@ import json
 
 from aiohttp import web
 
-from router.config import ConfigError, backend_from_mapping
+from router.config import ConfigError, backend_from_mapping, check_transfer_peers
 from router.errors import ProxyError, json_response
+from router.kv_subscriber import KV_EVENTS
 from router.migration import MigrationRunner, plan_json
 from router.proxy import STATE, Handler, RouterState, read_json_body
 from router.upstream import Replica
@@ -69,6 +74,9 @@ def _describe(state: RouterState, replica: Replica) -> dict[str, object]:
         "configured_models": list(replica.config.models),
         "kv_events": replica.config.kv_events,
         "kv_transfer": replica.config.kv_transfer,
+        "lmcache_instance_id": replica.config.lmcache_instance_id,
+        "nixl_host": replica.config.nixl_host,
+        "nixl_port": replica.config.nixl_port,
         "healthy": fs.healthy,
         "draining": fs.draining,
         "available": fs.available,
@@ -117,9 +125,25 @@ async def _json(request: web.Request, *, required: bool) -> object:
         raise ProxyError(400, "request body is not valid JSON", code="invalid_json") from None
 
 
+def _with_events(request: web.Request, described: dict[str, object]) -> dict[str, object]:
+    """Add the replica's KV-event stream state (router/kv_subscriber.py), when the router follows any."""
+    subscribers = request.config_dict.get(KV_EVENTS)
+    if subscribers is not None:
+        described["kv_event_state"] = subscribers.describe(str(described["name"]))
+    return described
+
+
+def _sync_events(request: web.Request) -> None:
+    subscribers = request.config_dict.get(KV_EVENTS)
+    if subscribers is not None:
+        subscribers.sync()
+
+
 async def list_replicas(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[STATE]
-    return json_response({"replicas": [_describe(state, r) for r in state.replicas.all()]})
+    return json_response(
+        {"replicas": [_with_events(request, _describe(state, r)) for r in state.replicas.all()]}
+    )
 
 
 async def add_replica(request: web.Request) -> web.StreamResponse:
@@ -130,16 +154,23 @@ async def add_replica(request: web.Request) -> web.StreamResponse:
         raise ProxyError(400, str(exc), code="invalid_replica") from None
     if backend.name in state.replicas:
         raise ProxyError(409, f"replica {backend.name!r} already exists", code="replica_exists", param="name")
+    try:  # the fleet-wide rules of kv_transfer (router/config.py), with this replica among the others
+        backends = (*(r.config for r in state.replicas.all()), backend)
+        check_transfer_peers(backends, state.config.lmcache_controller_url)
+    except ConfigError as exc:
+        raise ProxyError(400, str(exc), code="invalid_replica") from None
     replica = state.replicas.add(backend)
     if state.upstream is not None:
         await state.upstream.probe(replica, initial=True)  # health and models before it takes traffic
-    return json_response(_describe(state, replica), status=201)
+    _sync_events(request)  # its KV events, now that its models are known
+    return json_response(_with_events(request, _describe(state, replica)), status=201)
 
 
 async def delete_replica(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[STATE]
     replica = _replica(state, request)
     state.replicas.remove(replica.name)
+    _sync_events(request)  # at once: no await since the removal
     return json_response({"deleted": replica.name})
 
 

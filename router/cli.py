@@ -44,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks that print ratios measured side by side in one run, and write JSON.",
     )
     bench_commands = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    from load import bench_index, bench_live, bench_proxy
+    from load import bench_index, bench_live, bench_proxy, bench_vllm
 
     bench_index.register(bench_commands)
     bench_proxy.register(bench_commands)
     bench_live.register(bench_commands)
+    bench_vllm.register(bench_commands)
     from workers.emulator import bench as bench_emulator
 
     bench_emulator.register(bench_commands)
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     from workers.emulator import cli as emulate_cli
 
     emulate_cli.register(commands)
+    from workers.vllm import cli as vllm_cli
+
+    vllm_cli.register(commands)
     from router import serve_cli
 
     serve_cli.register(commands)

@@ -76,6 +76,10 @@ class ReplicaState:
     healthy: bool = True
     draining: bool = False
     event_fed: bool = False  # its PrefixIndex entries come from KV events, not from routing
+    # Requests of ours that ended here after their first token with at least one full chunk, ever: each
+    # made the replica hold KV blocks, so its KV events should follow (router/kv_subscriber.py's
+    # silence rule reads it).
+    served_requests: int = 0
     # Router-side lifecycle load (fresh; only this router's requests).
     inflight_requests: int = 0
     prefill_requests: int = 0  # routed, first token not seen yet
@@ -363,6 +367,8 @@ class Fleet:
         if rec is None:
             return False
         self._release(rec)
+        if not rec.prefilling and rec.chained:
+            self._replicas[rec.replica].served_requests += 1
         if self._policy is not None:
             self._policy.on_done(request_id, rec.replica, now)
         return True

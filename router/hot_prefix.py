@@ -1,6 +1,6 @@
 """The hot-prefix controller: detect prefix groups whose holders are overloaded and plan replicas.
 
-Sans-I/O (no asyncio, no clock: `now` is an argument). Drivers: the simulator (load/sim.py) and, later,
+Sans-I/O (no asyncio, no clock: `now` is an argument). Drivers: the simulator (load/sim.py) and
 the proxy's background task. The driver calls `observe_routed` for every routed request, `tick` every
 `tick_s` or so, executes the returned `MigrationPlan`s by the backend's mechanism, and reports back
 with `completed` (the index learns the new holder only then, not when the copy starts) or `failed`.

@@ -6,13 +6,17 @@ Rules:
 - Label sets are bounded: `route` is the matched route's pattern (or "unmatched"), `code` the status,
   `policy`/`reason` come from the policy's small fixed set, `replica` from the fleet (series of a
   removed replica are deleted with it), `reason` of retries from `RETRY_REASONS`, `outcome` of
-  migrations from `MIGRATION_OUTCOMES`; `router_hot_groups` is a count, with no per-group label.
+  migrations from `MIGRATION_OUTCOMES`, `reason` of tokenization failures from the tokenizer's
+  `FAILURE_REASONS`, KV-event `type` from `EVENT_TYPES` and `reason` from `RESYNC_REASONS` /
+  `SKIP_REASONS`; `router_hot_groups` is a count, with no per-group label.
 - Names follow Prometheus' conventions (what `promtool check metrics` checks): `router_` prefix,
   counters end in `_total`, units in the name (`_seconds`, `_tokens`).
 - Fleet-derived gauges (in-flight per replica, health, index entries) are set from the Fleet at
   scrape time (`observe_fleet`), not on every request.
 
-The amnesia-tax meter, all in prompt tokens (a rate of each over `router_prompt_tokens_total`):
+The amnesia-tax meter, all in prompt tokens (a rate of each over `router_prompt_tokens_total`): exact
+counts for token-id prompts and, in token-precise mode (`tokenizer` set), for every tokenized request;
+characters / 4 estimates for text hashed as text.
 - `router_logical_cached_tokens_total`: the part of each prompt whose chunks this router has seen
   before, on any replica: what a fleet with one shared, never-forgetting cache would hit.
 - `router_expected_cached_tokens_total`: what the routing decision predicted the chosen replica holds.
@@ -30,7 +34,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from router.fleet import Fleet
+from router.index.event_indexer import EVENT_TYPES, SKIP_REASONS
 from router.index.seen import SeenChunks
+from router.tokenize import FAILURE_REASONS as TOKENIZE_FAILURE_REASONS
 
 RETRY_REASONS = ("connect_error", "upstream_5xx", "disconnected")
 # TTFT through the router: from a few ms (cached, idle) to minutes (long prefills in a queue).
@@ -38,6 +44,12 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 MIGRATION_OUTCOMES = ("started", "completed", "failed")
 MIGRATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Why a replica's event-derived index entries were dropped and rebuilt (router/kv_subscriber.py):
+# the engine restarted (sequence reset), a gap with no replay endpoint, a replay that did not reach back
+# far enough, or one that failed (timeout, error, malformed batch).
+RESYNC_REASONS = ("restart", "no_replay", "replay_incomplete", "replay_failed")
+# Tokenization before routing: tens of µs (a short prompt, locally) to the replica timeout (1 s).
+TOKENIZE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class RouterMetrics:
@@ -115,7 +127,7 @@ class RouterMetrics:
         self.index_entries = Gauge("router_index_entries", "Prefix-index (hash, replica) entries", registry=r)
         self.prompt_tokens = Counter(
             "router_prompt_tokens_total",
-            "Prompt tokens routed (exact for token ids, else chars/4)",
+            "Prompt tokens routed (exact for token ids and tokenized requests, else chars/4)",
             registry=r,
         )
         self.logical_cached = Counter(
@@ -160,6 +172,63 @@ class RouterMetrics:
             "router_hot_groups", "Prefix groups the hot-prefix controller marks hot", registry=r
         )
 
+        # KV events (router/kv_subscriber.py); `replica` from the fleet, `type`/`reason` fixed sets.
+        self.kv_event_batches = Counter(
+            "router_kv_event_batches_total", "KV-event batches applied, by replica", ["replica"], registry=r
+        )
+        self.kv_events = Counter(
+            "router_kv_events_total",
+            "KV events applied, by replica and type (BlockStored, BlockRemoved, AllBlocksCleared)",
+            ["replica", "type"],
+            registry=r,
+        )
+        self.kv_event_gaps = Counter(
+            "router_kv_event_gaps_total",
+            "Sequence gaps in a replica's KV-event stream (batches missed)",
+            ["replica"],
+            registry=r,
+        )
+        self.kv_event_replays = Counter(
+            "router_kv_event_replays_total",
+            "Replays asked of a replica's replay endpoint",
+            ["replica"],
+            registry=r,
+        )
+        self.kv_event_resyncs = Counter(
+            "router_kv_event_resyncs_total",
+            "Times a replica's event-derived index entries were dropped, by reason",
+            ["replica", "reason"],
+            registry=r,
+        )
+        self.kv_event_skipped_blocks = Counter(
+            "router_kv_event_skipped_blocks_total",
+            "Stored blocks not indexed, by reason (orphan: parent unknown; medium, group, block_size, "
+            "malformed)",
+            ["replica", "reason"],
+            registry=r,
+        )
+        self.kv_events_approximate = Gauge(
+            "router_kv_events_approximate",
+            "1 if the replica's KV events are not flowing (absent, lost or silent) and its index entries "
+            "come from routing, else 0",
+            ["replica"],
+            registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "router_tokenize_seconds",
+            "Token-precise mode: time to tokenize a request before routing it (failures included)",
+            buckets=TOKENIZE_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_failures = Counter(
+            "router_tokenize_failures_total",
+            "Token-precise mode: requests that could not be tokenized and were hashed as text, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in TOKENIZE_FAILURE_REASONS:
+            self.tokenize_failures.labels(reason)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -176,6 +245,21 @@ class RouterMetrics:
 
     def forget_replica(self, name: str) -> None:
         """Drop a removed replica's labelled series, so churn cannot grow the exposition."""
-        for metric in (self.ejections, self.scrape_errors):
+        for metric in (
+            self.ejections,
+            self.scrape_errors,
+            self.kv_event_batches,
+            self.kv_event_gaps,
+            self.kv_event_replays,
+            self.kv_events_approximate,
+        ):
             with contextlib.suppress(KeyError):
                 metric.remove(name)
+        for labelled, values in (
+            (self.kv_events, EVENT_TYPES),
+            (self.kv_event_resyncs, RESYNC_REASONS),
+            (self.kv_event_skipped_blocks, SKIP_REASONS),
+        ):
+            for value in values:
+                with contextlib.suppress(KeyError):
+                    labelled.remove(name, value)

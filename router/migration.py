@@ -7,9 +7,15 @@ Rules:
 - `tick` (every `migration_interval_s`, from the app's cleanup_ctx loop) asks the controller for plans
   and starts each as a task. The controller bounds what is in flight (`max_concurrent`), so no extra
   semaphore is needed; a plan also times out after the controller's `migration_timeout_s`.
-- A plan runs with the executor of its TARGET backend's `kv_transfer`: "p2p" (the emulator's
-  export/import) when the plan is a copy and its source backend is "p2p" too; otherwise a warm-up
-  prefill, which works on any vLLM. The controller indexes the target only on `completed`.
+- A plan runs with the executor of its TARGET backend's `kv_transfer` (router/executors.py) when the
+  plan is a copy and its source backend has the same `kv_transfer`: "p2p" (the emulator's
+  export/import), "lmcache" (the LMCache controller's /move, at the config's `lmcache_controller_url`)
+  or "nixl" (the target pulls from the source's OffloadingConnector P2P tier); otherwise (and for a
+  prefix shorter than one LMCache chunk) a warm-up prefill, which works on any vLLM. The controller
+  indexes the target only on `completed`.
+- Whatever an executor does (an error answer, malformed JSON, a hang), the outcome is `failed`: its
+  run is bounded by `migration_timeout_s` and no exception leaves the task, so the tick loop goes on
+  and the group waits out the controller's `cooldown_s` before its next plan.
 - Metrics: `router_migrations_total{outcome}` (started, completed, failed), `router_migration_bytes_total`,
   `router_migration_duration_seconds`, `router_hot_groups` (set at every tick).
 """
@@ -26,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from router.executors import MigrationFailed, P2PExecutor, WarmupExecutor
+from router.executors import (
+    LMCACHE_CHUNK_TOKENS,
+    LMCacheExecutor,
+    MigrationFailed,
+    NixlExecutor,
+    P2PExecutor,
+    WarmupExecutor,
+)
 from router.hot_prefix import HotPrefixController, HotPrefixParams, MigrationPlan
 from router.policies.kvaware import KvAwareParams
 
@@ -37,6 +50,7 @@ if TYPE_CHECKING:
     from router.upstream import ReplicaSet
 
 log = logging.getLogger("kvrouter.migration")
+Executor = P2PExecutor | WarmupExecutor | LMCacheExecutor | NixlExecutor
 
 
 class MigrationRunner:
@@ -73,20 +87,29 @@ class MigrationRunner:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _kv_transfer(self, name: str | None) -> str | None:
-        replica = self.replicas.get(name) if name is not None else None
-        return replica.config.kv_transfer if replica is not None else None
+    def executor(self, plan: MigrationPlan) -> Executor:
+        """The executor for `plan` (module docstring): its backends' copy mechanism, else a warm-up."""
+        assert self.session is not None, "the cleanup context opens the session before any tick"
+        config = self.replicas.config
+        target = self.replicas.get(plan.target)
+        source = self.replicas.get(plan.source) if plan.source is not None else None
+        kind = target.config.kv_transfer if target is not None else None
+        if plan.mechanism == "copy" and source is not None and source.config.kv_transfer == kind:
+            backends = [r.config for r in self.replicas.all()]
+            if kind == "p2p":
+                return P2PExecutor(self.session)
+            # LMCache moves whole 256-token chunks only: a shorter prefix is recomputed instead.
+            if kind == "lmcache" and plan.prefix_tokens >= LMCACHE_CHUNK_TOKENS:
+                ids = {b.name: b.lmcache_instance_id for b in backends if b.lmcache_instance_id}
+                return LMCacheExecutor(self.session, config.lmcache_controller_url, ids)
+            if kind == "nixl":
+                peers = {b.name: (b.nixl_host, b.nixl_port) for b in backends if b.nixl_host and b.nixl_port}
+                return NixlExecutor(self.session, peers, config.block_size)
+        return WarmupExecutor(self.session, config.block_size)
 
     async def _run(self, plan: MigrationPlan) -> None:
-        assert self.session is not None, "the cleanup context opens the session before any tick"
         started = self.clock()
-        p2p = (
-            plan.mechanism == "copy"
-            and self._kv_transfer(plan.target) == "p2p"
-            and self._kv_transfer(plan.source) == "p2p"
-        )
-        block_size = self.replicas.config.block_size
-        executor = P2PExecutor(self.session) if p2p else WarmupExecutor(self.session, block_size)
+        executor = self.executor(plan)
         urls = {r.name: r.url for r in self.replicas.all()}
         held: int | None = None
         try:

@@ -10,16 +10,20 @@ Rules:
   batch). A batch goes to one replica, so it is routed by its first prompt, counting every prompt's
   tokens as load.
 - The session key (stickiness for policies that use one) is the `x-session-id` header, else `user`.
+- Token-precise mode (router/tokenize.py): the fields that change the token ids vLLM computes
+  (`TOKEN_ID_FIELDS`) are kept, unchecked, for the tokenizer; `view(token_ids=...)` then hashes the
+  ids in blocks of `block_size` and counts them exactly. Without ids the view is the text one.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from router.errors import ProxyError, bad_request
+from router.index.chunking import hash_tokens
 from router.policies.base import RequestView, estimate_tokens, make_request
 
 Endpoint = Literal["completions", "chat"]
@@ -28,6 +32,24 @@ Endpoint = Literal["completions", "chat"]
 DEFAULT_MAX_TOKENS = 16
 SESSION_HEADER = "x-session-id"
 _MAX_TOKEN_ID = 2**32  # hash_tokens packs ids as uint32; no vocabulary is larger
+# Request fields that change the token ids vLLM computes for a text prompt or a conversation (vLLM's
+# CompletionRequest / ChatCompletionRequest), kept for token-precise mode when set and not null.
+TOKEN_ID_FIELDS: dict[Endpoint, tuple[str, ...]] = {
+    "completions": ("add_special_tokens", "truncate_prompt_tokens"),
+    "chat": (
+        "add_generation_prompt",
+        "continue_final_message",
+        "add_special_tokens",
+        "chat_template",
+        "chat_template_kwargs",
+        "tools",
+        "documents",
+        "truncate_prompt_tokens",
+    ),
+}
+# A chunk longer than any prompt: text hashing that yields no chunk (for views whose hashes are then
+# replaced by token hashes), so the text is not hashed for nothing.
+_NO_TEXT_CHUNKS = 1 << 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,9 +65,29 @@ class ParsedRequest:
     prompt_tokens: int | None = None  # set for batches: every prompt's tokens
     session_key: str | None = None
     cache_salt: str | None = None
+    token_options: Mapping[str, object] | None = None  # the TOKEN_ID_FIELDS it set, if any
 
-    def view(self, request_id: str, *, chunk_chars: int, block_size: int) -> RequestView:
-        """The sans-I/O core's view of this request (router/policies/base.py)."""
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether token-precise mode must tokenize it: text or chat (token ids are already ids)."""
+        return self.messages is not None or isinstance(self.prompt, str)
+
+    def view(
+        self,
+        request_id: str,
+        *,
+        chunk_chars: int,
+        block_size: int,
+        token_ids: Sequence[int] | None = None,
+    ) -> RequestView:
+        """The sans-I/O core's view of this request (router/policies/base.py).
+
+        With `token_ids` (what the replica will compute for the text prompt or the conversation, from
+        router/tokenize.py) the request is hashed in token blocks, exactly as `hash_tokens(token_ids,
+        model, block_size=..., cache_salt=...)`, and its prompt tokens are counted exactly; the text
+        (for text-matching policies) and the first user message stay those of the request."""
+        if token_ids is not None:
+            return self._token_view(request_id, block_size, token_ids)
         try:
             return make_request(
                 request_id,
@@ -61,6 +103,25 @@ class ParsedRequest:
             )
         except ValueError as exc:  # token ids outside uint32, already checked; kept as a 400
             raise bad_request(str(exc), param="prompt") from None
+
+    def _token_view(self, request_id: str, block_size: int, token_ids: Sequence[int]) -> RequestView:
+        ids = tuple(token_ids)
+        text_view = make_request(
+            request_id,
+            self.model,
+            prompt=self.prompt if isinstance(self.prompt, str) else None,
+            messages=self.messages,
+            max_tokens=self.max_tokens,
+            session_key=self.session_key,
+            cache_salt=self.cache_salt,
+            chunk_chars=_NO_TEXT_CHUNKS,
+        )
+        prompt_tokens = len(ids)
+        if self.prompt_tokens is not None and isinstance(self.prompt, str):
+            # A batch: the first prompt's tokens are now known; the others stay estimated.
+            prompt_tokens += self.prompt_tokens - estimate_tokens(self.prompt)
+        hashes = hash_tokens(ids, self.model, block_size=block_size, cache_salt=self.cache_salt)
+        return replace(text_view, hashes=hashes, prompt_tokens=prompt_tokens, token_ids=ids)
 
 
 def _is_int(value: object) -> bool:
@@ -157,6 +218,7 @@ def parse_body(raw: bytes, endpoint: Endpoint, session_header: str | None = None
         messages = _messages(body)
     else:
         prompt, total = _prompt(body)
+    options = {k: body[k] for k in TOKEN_ID_FIELDS[endpoint] if body.get(k) is not None} or None
     return ParsedRequest(
         endpoint,
         model=model,
@@ -167,4 +229,5 @@ def parse_body(raw: bytes, endpoint: Endpoint, session_header: str | None = None
         prompt_tokens=total,
         session_key=session_header or (user if isinstance(user, str) else None),
         cache_salt=salt if isinstance(salt, str) else None,
+        token_options=options,
     )

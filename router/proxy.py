@@ -14,6 +14,10 @@ Rules:
   pooled ClientSession and the background probe/scrape tasks, so they are cleaned up iff they started.
 - Everything per request reads `state.config` when it needs it, so a reload (`apply_config`) takes
   effect for the next request; only host and port need a restart.
+- Token-precise mode (`tokenizer` set, router/tokenize.py): a text prompt or a conversation is
+  tokenized before routing and hashed in token blocks; token-id prompts need nothing more. The body
+  sent to the replica is still the client's, byte for byte. A tokenization failure is counted
+  (`router_tokenize_failures_total{reason}`) and the request is hashed as text: it never fails for it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -35,13 +40,16 @@ from router.fleet import Fleet, FleetConfig
 from router.forward import ClientGone, Exchange
 from router.metrics import RouterMetrics
 from router.migration import MigrationRunner, make_runner
-from router.openai_request import SESSION_HEADER, Endpoint, parse_body
+from router.openai_request import SESSION_HEADER, Endpoint, ParsedRequest, parse_body
 from router.policies.base import CHARS_PER_TOKEN
+from router.tokenize import TokenizeError, Tokenizer, make_tokenizer
 from router.upstream import ReloadDiff, ReplicaSet, UpstreamClient
 
 log = logging.getLogger("kvrouter.proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A failing tokenizer fails every request alike; one warning a minute says so, the metric counts them.
+TOKENIZE_WARN_EVERY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -61,14 +69,22 @@ class RouterState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # the probe and scrape loops
     probes: set[asyncio.Task[None]] = field(default_factory=set)  # first probes of joining replicas
     migration: MigrationRunner | None = None  # the hot-prefix driver (kvaware with migration on)
+    tokenizer: Tokenizer | None = None  # token-precise mode (router/tokenize.py); None: text hashing
+    tokenize_warned_at: float = -math.inf
 
 
 STATE = web.AppKey("kvrouter_state", RouterState)
 
 
 def build_state(config: RouterConfig) -> RouterState:
+    """The router's state for `config` (ConfigError if its local tokenizer cannot be loaded)."""
+    # Tokens per index entry, to size the index from the replicas' KV capacity: a block in
+    # token-precise mode, else a text chunk's estimated tokens.
+    chunk_tokens = config.block_size if config.tokenizer is not None else config.chunk_chars / CHARS_PER_TOKEN
     fleet_config = FleetConfig(
-        block_size=config.block_size, index_chunk_tokens=config.chunk_chars / CHARS_PER_TOKEN
+        prefill_tokens_per_s=config.prefill_tokens_per_s,
+        block_size=config.block_size,
+        index_chunk_tokens=chunk_tokens,
     )
     fleet = Fleet(config.make_policy(), fleet_config)
     metrics = RouterMetrics(config.seen_chunks)
@@ -77,7 +93,17 @@ def build_state(config: RouterConfig) -> RouterState:
         replicas.add(backend)
     state = RouterState(config, fleet, replicas, metrics, config.policy_name)
     state.migration = make_runner(fleet, replicas, metrics, state.clock)
+    state.tokenizer = _make_tokenizer(state, config)
     return state
+
+
+def _make_tokenizer(state: RouterState, config: RouterConfig) -> Tokenizer | None:
+    def replica_urls(model: str) -> Sequence[str]:
+        # The Fleet's candidates: healthy, not draining, serving the model, sorted by name.
+        found = (state.replicas.get(s.name) for s in state.fleet.candidates(model))
+        return [r.url for r in found if r is not None]
+
+    return make_tokenizer(config.tokenizer, session=lambda: state.session, replica_urls=replica_urls)
 
 
 def apply_config(state: RouterState, new: RouterConfig) -> ReloadDiff:
@@ -86,6 +112,15 @@ def apply_config(state: RouterState, new: RouterConfig) -> ReloadDiff:
     old = state.config
     if (new.host, new.port, new.seen_chunks) != (old.host, old.port, old.seen_chunks):
         log.warning("host, port and seen_chunks changes take effect at the next restart")
+    if new.tokenizer != old.tokenizer:
+        # Loaded first: a tokenizer that cannot load refuses the reload before anything changed.
+        # The index keeps its entries of the other hashing; they match nothing and age out.
+        tokenizer, old_tokenizer = _make_tokenizer(state, new), state.tokenizer
+        state.tokenizer = tokenizer
+        if old_tokenizer is not None:
+            task = asyncio.create_task(old_tokenizer.close())
+            state.probes.add(task)
+            task.add_done_callback(state.probes.discard)
     if (new.policy, new.policy_params) != (old.policy, old.policy_params):
         state.fleet.attach(new.make_policy())
         state.policy_name = new.policy_name
@@ -209,7 +244,12 @@ async def _generation(request: web.Request, endpoint: Endpoint) -> web.StreamRes
         assert state.session is not None, "the cleanup context opens the session before requests arrive"
         state.request_seq += 1
         request_id = f"kvr-{state.request_seq}"
-        view = parsed.view(request_id, chunk_chars=cfg.chunk_chars, block_size=cfg.block_size)
+        token_ids = None
+        if state.tokenizer is not None and parsed.needs_tokens:
+            token_ids = await _token_ids(state, state.tokenizer, parsed)
+        view = parsed.view(
+            request_id, chunk_chars=cfg.chunk_chars, block_size=cfg.block_size, token_ids=token_ids
+        )
         exchange = Exchange(
             request=request,
             body=body,
@@ -231,6 +271,30 @@ async def _generation(request: web.Request, endpoint: Endpoint) -> web.StreamRes
         state.inflight -= 1
         if request_id:
             state.fleet.done(request_id, state.clock())
+
+
+async def _token_ids(state: RouterState, tokenizer: Tokenizer, parsed: ParsedRequest) -> list[int] | None:
+    """The ids the replica will compute for this request, or None (counted) to hash it as text."""
+    started = state.clock()
+    options = parsed.token_options or {}
+    try:
+        if parsed.messages is not None:
+            return await tokenizer.chat_ids(parsed.model, parsed.messages, options)
+        assert isinstance(parsed.prompt, str), "needs_tokens: text or chat"
+        return await tokenizer.completion_ids(parsed.model, parsed.prompt, options)
+    except TokenizeError as exc:
+        reason, detail = exc.reason, str(exc)
+    except Exception as exc:  # a bug must cost this request its precision, not its answer
+        log.exception("tokenizer failed unexpectedly")
+        reason, detail = "internal", repr(exc)
+    finally:
+        state.metrics.tokenize_seconds.observe(state.clock() - started)
+    state.metrics.tokenize_failures.labels(reason).inc()
+    now = state.clock()
+    if now - state.tokenize_warned_at >= TOKENIZE_WARN_EVERY_S:
+        state.tokenize_warned_at = now
+        log.warning("tokenization failed (%s), hashing the request as text: %s", reason, detail)
+    return None
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -312,6 +376,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         if state.migration is not None:
             await state.migration.stop()
+        if state.tokenizer is not None:
+            await state.tokenizer.close()
         running = [*state.tasks, *state.probes]
         for task in running:
             task.cancel()

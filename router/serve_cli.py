@@ -29,8 +29,14 @@ config file (YAML; every key optional, flags given on the command line win):
       url: http://10.0.0.1:8000
       models: [llama-3.1-8b]       # default: whatever its /v1/models lists
       kv_capacity_tokens: 500000   # default: from vllm:cache_config_info
-      kv_events: tcp://10.0.0.1:5557
-      kv_transfer: warmup          # hot-prefix migrations: p2p (KV export/import) or warmup (default)
+      kv_events: tcp://*:5557      # its KV-event PUB endpoint (`*`: the url's host), or auto | off;
+                                   # default: whatever its GET /kv_event_sources names (vLLM 0.32+)
+      kv_events_replay: tcp://*:5558   # its replay endpoint, to recover missed batches (optional)
+      kv_events_topic: ""          # default: all topics (or the discovered one)
+      kv_transfer: warmup          # hot-prefix migrations: warmup (default), p2p (the emulator's KV
+                                   # export/import), lmcache (+ lmcache_instance_id) or nixl (+ nixl_host,
+                                   # nixl_port); see docs/OPERATIONS.md
+      prefill_tokens_per_s: 12000  # this replica's prefill speed (default: the router's)
   policy: kvaware                  # or "name:key=value,..." or {{name: ..., params: {{...}}}}
   host: 127.0.0.1
   port: 8080
@@ -48,8 +54,12 @@ config file (YAML; every key optional, flags given on the command line win):
   migration_interval_s: 0.5        # hot-prefix controller tick (kvaware with migration=true only)
   replica_header: true
   chunk_chars: 64
-  block_size: 16
+  block_size: 16                   # the replicas' --block-size (token ids are hashed in such blocks)
+  prefill_tokens_per_s: 25000      # the replicas' prefill speed (kvaware prices queues with it)
+  lmcache_controller_url: http://10.0.0.9:9000   # only with kv_transfer: lmcache backends
+  tokenizer: replica               # token-precise mode: replica (POST /tokenize) or a tokenizer path
   seen_chunks: 1048576
+  kv_events_silence_s: 10          # requests finished, no KV-event batch this long: approximate mode
   admin_token_env: {DEFAULT_ADMIN_TOKEN_ENV}   # or admin_token: ... (prefer the environment)"""
 
 # flag dest -> RouterConfig field (flags default to None so that the file's value stands)
@@ -69,6 +79,9 @@ _OVERRIDES = {
     "breaker_cooldown": "breaker_cooldown_s",
     "shutdown_timeout": "shutdown_timeout_s",
     "admin_token_env": "admin_token_env",
+    "tokenizer": "tokenizer",
+    "block_size": "block_size",
+    "prefill_rate": "prefill_tokens_per_s",
 }
 
 
@@ -171,6 +184,27 @@ def register(commands: Any) -> None:
         help="on SIGTERM/SIGINT, seconds requests in flight may take to finish (default 30)",
     )
     p.add_argument(
+        "--tokenizer",
+        metavar="PATH|replica",
+        help="token-precise mode: hash requests in token blocks, as vLLM's KV events describe them; "
+        "PATH is a tokenizer.json (or a folder with it and tokenizer_config.json for chat), 'replica' "
+        "asks a replica's POST /tokenize (default: none, text chunks of chunk_chars characters)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="tokens per block when hashing token ids: the replicas' --block-size (default 16; "
+        "the vLLM CPU build's default is 128)",
+    )
+    p.add_argument(
+        "--prefill-rate",
+        type=float,
+        metavar="TOKENS_PER_S",
+        help="the replicas' prefill speed, which kvaware turns queued and uncached tokens into seconds "
+        "with (default 25000: an 8B model on an H200); a backend's own prefill_tokens_per_s wins",
+    )
+    p.add_argument(
         "--admin-token-env",
         metavar="NAME",
         help=f"environment variable holding the /admin bearer token (default {DEFAULT_ADMIN_TOKEN_ENV}); "
@@ -208,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # the port is taken, or the address is not ours
         print(f"kvrouter serve: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found while building the router: a tokenizer that does not load
+        print(f"kvrouter serve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

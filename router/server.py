@@ -14,6 +14,8 @@ Rules:
   `shutdown_timeout_s`, then closes the session and background tasks (the app's cleanup context).
 - `reload()` re-reads the configuration through `config_source` (the CLI passes one that re-reads
   the YAML file with the same flags) or takes a new `RouterConfig`, and applies it in place.
+- Each replica's KV events are followed (router/kv_subscriber.py) from `start()` to `stop()`; the
+  subscribers follow the replica set through reloads and the admin API (`router.kv_events`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 
 from router.config import RouterConfig
 from router.fleet import Fleet
+from router.kv_subscriber import KV_EVENTS, KVEventSubscribers
 from router.metrics import RouterMetrics
 from router.proxy import STATE, RouterState, apply_config, build_app, build_state
 from router.upstream import ReloadDiff
@@ -41,6 +44,8 @@ class RouterServer:
         self.config_source = config_source
         self.state: RouterState = build_state(config)
         self.app: web.Application = build_app(config, state=self.state)
+        self.kv_events = KVEventSubscribers(self.state)
+        self.app[KV_EVENTS] = self.kv_events  # for the admin API
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
         self.host = config.host
@@ -83,9 +88,11 @@ class RouterServer:
             raise
         self._runner, self._sock = runner, sock
         self.port = sock.getsockname()[1]
+        await self.kv_events.start()  # after the first probe round: the replicas' models are known
         return self
 
     async def stop(self) -> None:
+        await self.kv_events.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -105,6 +112,7 @@ class RouterServer:
         state = self.app[STATE]
         before = set(state.probes)
         diff = apply_config(state, config)
+        self.kv_events.sync()  # at once: no await between the replica set changing and this
         joining = [task for task in state.probes if task not in before]
         if joining:
             await asyncio.gather(*joining, return_exceptions=True)

@@ -137,7 +137,12 @@ class ReplicaSet:
         replica = Replica(
             backend, Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s, cfg.breaker_max_cooldown_s)
         )
-        self.fleet.add_replica(backend.name, backend.models, kv_capacity_tokens=backend.kv_capacity_tokens)
+        self.fleet.add_replica(
+            backend.name,
+            backend.models,
+            kv_capacity_tokens=backend.kv_capacity_tokens,
+            prefill_tokens_per_s=backend.prefill_tokens_per_s or cfg.prefill_tokens_per_s,
+        )
         self._replicas[backend.name] = replica
         return replica
 
@@ -169,6 +174,9 @@ class ReplicaSet:
                 ):
                     current.config = backend
                     self._sync_models(current)
+                    self.fleet.set_prefill_rate(
+                        backend.name, backend.prefill_tokens_per_s or self.config.prefill_tokens_per_s
+                    )
                 else:
                     self.remove(backend.name)
                     self.add(backend)

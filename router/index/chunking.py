@@ -124,6 +124,20 @@ def hash_text(
     return ChunkHashes(chained, text, seed, chunk_chars, len(text), "char")
 
 
+def chain_token_blocks(token_ids: Sequence[int], block_size: int, root: int) -> tuple[int, ...]:
+    """Chained hashes of the full blocks of `token_ids`, the first block's parent being `root`.
+
+    `root` is `model_seed(model, cache_salt)` for a prompt's first block, or the chained hash of the
+    block before `token_ids[0]`: a chain hashed in pieces equals the chain hashed whole. This is the one
+    piece of code behind both a request's hashes (`hash_tokens`) and the hashes the router computes from
+    a replica's KV events (router/index/event_indexer.py), so the two always agree.
+    ValueError for a non-positive block size or ids outside [0, 2**32).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return _chain(_encode(token_ids), block_size * _UNIT_BYTES, root)
+
+
 def hash_tokens(
     token_ids: Sequence[int], model: str, *, block_size: int, cache_salt: str | None = None
 ) -> ChunkHashes:
@@ -131,10 +145,8 @@ def hash_tokens(
 
     Raises ValueError for ids outside [0, 2**32): no tokenizer has such a vocabulary.
     """
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
     seed = model_seed(model, cache_salt)
-    chained = _chain(_encode(token_ids), block_size * _UNIT_BYTES, seed)
+    chained = chain_token_blocks(token_ids, block_size, seed)
     return ChunkHashes(chained, token_ids, seed, block_size, len(token_ids), "token")
 
 

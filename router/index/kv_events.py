@@ -41,12 +41,18 @@ class BlockStored:
     block_size: int
     medium: str | None = "GPU"
     lora_id: int | None = None
+    lora_name: str | None = None
+    # One entry per block (None: no extra keys), as vLLM hashed them: the LoRA name, multimodal
+    # identifiers, the cache salt (first block only), prompt-embedding hashes. Arrays become tuples.
+    extra_keys: tuple[object, ...] | None = None
+    group_idx: int = 0  # the KV cache group (hybrid models have several); absent on the wire = 0
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: tuple[int, ...]
     medium: str | None = "GPU"
+    group_idx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,24 @@ def _opt_int(value: Any, name: str) -> int | None:
     raise KVEventDecodeError(f"{name} must be an int or null")
 
 
+def _opt_str(value: Any, name: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise KVEventDecodeError(f"{name} must be a string or null")
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _extra_keys(value: Any) -> tuple[object, ...] | None:
+    if value is None or value == []:  # 0.32 sends [] for "none"
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise KVEventDecodeError("extra_keys must be an array (one entry per block) or null")
+    return tuple(_frozen(v) for v in value)
+
+
 def _decode_event(raw: Any) -> KVEvent | None:
     """One event of either encoding; None for an event type this router does not use."""
     if isinstance(raw, dict):
@@ -120,9 +144,16 @@ def _decode_event(raw: Any) -> KVEvent | None:
                 block_size=_opt_int(raw.get("block_size"), "block_size") or 0,
                 medium=raw.get("medium", "GPU"),
                 lora_id=_opt_int(raw.get("lora_id"), "lora_id"),
+                lora_name=_opt_str(raw.get("lora_name"), "lora_name"),
+                extra_keys=_extra_keys(raw.get("extra_keys")),
+                group_idx=_opt_int(raw.get("group_idx"), "group_idx") or 0,
             )
         if kind == "BlockRemoved":
-            return BlockRemoved(_hashes(raw.get("block_hashes", [])), raw.get("medium", "GPU"))
+            return BlockRemoved(
+                _hashes(raw.get("block_hashes", [])),
+                raw.get("medium", "GPU"),
+                _opt_int(raw.get("group_idx"), "group_idx") or 0,
+            )
         if kind == "AllBlocksCleared":
             return AllBlocksCleared()
         if isinstance(kind, str):
@@ -141,11 +172,18 @@ def _decode_event(raw: Any) -> KVEvent | None:
                 block_size=_opt_int(fields[3], "block_size") or 0,
                 lora_id=_opt_int(fields[4], "lora_id") if len(fields) > 4 else None,
                 medium=fields[5] if len(fields) > 5 else "GPU",
+                lora_name=_opt_str(fields[6], "lora_name") if len(fields) > 6 else None,
+                extra_keys=_extra_keys(fields[7]) if len(fields) > 7 else None,
+                group_idx=(_opt_int(fields[8], "group_idx") or 0) if len(fields) > 8 else 0,
             )
         if kind == "BlockRemoved":
             if not fields:
                 raise KVEventDecodeError("BlockRemoved array needs block_hashes")
-            return BlockRemoved(_hashes(fields[0]), fields[1] if len(fields) > 1 else "GPU")
+            return BlockRemoved(
+                _hashes(fields[0]),
+                fields[1] if len(fields) > 1 else "GPU",
+                (_opt_int(fields[2], "group_idx") or 0) if len(fields) > 2 else 0,
+            )
         if kind == "AllBlocksCleared":
             return AllBlocksCleared()
         return None
@@ -170,8 +208,9 @@ def decode_batch(payload: bytes) -> KVEventBatch:
 
 def _encode_event(event: KVEvent, encoding: Encoding) -> Any:
     if isinstance(event, BlockStored):
+        extra = None if event.extra_keys is None else list(event.extra_keys)
         if encoding == "array":
-            return [
+            fields: list[Any] = [
                 "BlockStored",
                 list(event.block_hashes),
                 event.parent_block_hash,
@@ -180,21 +219,43 @@ def _encode_event(event: KVEvent, encoding: Encoding) -> Any:
                 event.lora_id,
                 event.medium,
             ]
+            # The optional trailing fields, only as far as needed (0.11 ends at medium).
+            if event.lora_name is not None or extra is not None or event.group_idx:
+                fields.append(event.lora_name)
+            if extra is not None or event.group_idx:
+                fields += [extra, event.group_idx]
+            return fields
         out: dict[str, Any] = {
             "type": "BlockStored",
             "block_hashes": list(event.block_hashes),
             "parent_block_hash": event.parent_block_hash,
             "token_ids": list(event.token_ids),
             "block_size": event.block_size,
+            # vLLM declares these BlockStored fields without defaults, so msgspec's omit_defaults
+            # never drops them: 0.32 sends "lora_id": null and "lora_name": null (the live sample in
+            # vllm-interfaces.md), and decoders that require them (vllm-router 0.1.17's kv_aware)
+            # reject a map without them.
+            "lora_id": event.lora_id,
             "medium": event.medium,
+            "lora_name": event.lora_name,
         }
-        if event.lora_id is not None:
-            out["lora_id"] = event.lora_id
+        if extra is not None:
+            out["extra_keys"] = extra
+        if event.group_idx:
+            out["group_idx"] = event.group_idx
         return out
     if isinstance(event, BlockRemoved):
         if encoding == "array":
-            return ["BlockRemoved", list(event.block_hashes), event.medium]
-        return {"type": "BlockRemoved", "block_hashes": list(event.block_hashes), "medium": event.medium}
+            tail = [event.group_idx] if event.group_idx else []
+            return ["BlockRemoved", list(event.block_hashes), event.medium, *tail]
+        removed: dict[str, Any] = {
+            "type": "BlockRemoved",
+            "block_hashes": list(event.block_hashes),
+            "medium": event.medium,
+        }
+        if event.group_idx:
+            removed["group_idx"] = event.group_idx
+        return removed
     return ["AllBlocksCleared"] if encoding == "array" else {"type": "AllBlocksCleared"}
 
 

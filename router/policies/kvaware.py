@@ -82,7 +82,8 @@ tokens and prefill-token equivalents (one = 1 / prefill_rate(r) seconds of engin
     replica without the prefix wins). Scores within `tie_epsilon_s` tie; ties go to the smallest
     in-flight token load, then ring order.
   * No candidate holds any of it (a new prefix group): the bounded-load ring (router/index/ring.py,
-    256 vnodes, load factor 1.25, loads = in-flight tokens, unit cost) names an owner by the group key —
+    256 vnodes, load factor 1.25, loads = in-flight tokens + tokens the replica's index entries hold,
+    unit cost) names an owner by the group key —
     the chained hash of the first `group_chunks` chunks, or of the whole prompt when shorter — so
     independent router instances agree where a group starts ("ring"). The owner is taken only if its
     TTFT is at most (1 + ring_slack) x the best (+ `tie_epsilon_s`); else the best ("least-ttft").
@@ -319,7 +320,17 @@ class KvAware(PolicyBase):
             # least-loaded candidate always fits). With cost = the prompt's tokens an idle fleet fits
             # nobody (cost > ceil(1.25 * cost / n)) and every key would fall back to one replica.
             # The request's own size is weighed by the TTFT check below instead.
-            loads = {e.replica: float(e.load_tokens) for e in estimates}
+            # Load = in-flight tokens + the KV the replica already holds (index entries x tokens an
+            # entry): a new group then goes where it evicts the least, and the ring's bound keeps any
+            # replica from holding more than 1.25x the mean share of the fleet's cached prefixes. With
+            # in-flight load alone, a run of new groups landing while one replica happened to be idle
+            # all stacked there: on real vLLM with small caches (docs/BENCHMARKS.md, issue #6) a 6:2
+            # group split over 2 replicas overflowed one cache while the other had room.
+            chunk_tokens = fleet.config.index_chunk_tokens
+            loads = {
+                e.replica: float(e.load_tokens) + fleet.index.size(e.replica) * chunk_tokens
+                for e in estimates
+            }
             owner = by_name[fleet.ring.pick(key, loads, by_name.keys(), cost=1.0)]
             limit = (1.0 + self.params.ring_slack) * best.ttft_s + self.params.tie_epsilon_s
             if owner.ttft_s <= limit:

@@ -144,10 +144,22 @@ async def test_non_streaming_usage_reports_cached_tokens(target: Target, client:
     assert cached == [0, 2 * target.block_size]
 
 
+async def test_max_tokens_past_the_context_is_clamped(target: Target, client: openai.AsyncOpenAI) -> None:
+    """vLLM 0.32 answers a max_tokens that reaches past the context with what is left, not a 400."""
+    prompt = [20] * (target.max_model_len - 3)
+    result = await client.completions.create(
+        model=target.model, prompt=prompt, max_tokens=target.max_model_len, extra_body={"ignore_eos": True}
+    )
+    assert result.usage is not None and result.usage.completion_tokens == 3
+    assert result.choices[0].finish_reason == "length"
+
+
 async def test_errors(target: Target, client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         await client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
-    with pytest.raises(openai.BadRequestError):
-        await client.completions.create(model=target.model, prompt=[1, 2, 3], max_tokens=target.max_model_len)
+    with pytest.raises(openai.BadRequestError):  # longer than the context
+        await client.completions.create(
+            model=target.model, prompt=[20] * (target.max_model_len + 1), max_tokens=1
+        )
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model=target.model, prompt="hi", max_tokens=0)

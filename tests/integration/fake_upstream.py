@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from loopback import serve_loopback
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -73,12 +74,7 @@ class FakeReplica:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        sock = socket.create_server(("127.0.0.1", 0))
-        await web.SockSite(runner, sock).start()
-        self.port = sock.getsockname()[1]
-        self._runner = runner
+        self._runner, self.port = await serve_loopback(app, shutdown_timeout=0.5)
         return self
 
     async def stop(self) -> None:

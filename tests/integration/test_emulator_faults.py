@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import zmq
+import zmq.asyncio
 
+from router.index.kv_events import decode_seq, encode_seq
 from workers.emulator import EmulatedFleet, Faults
 from workers.emulator.faults import parse_fault_spec
 
@@ -45,9 +48,11 @@ async def test_faults_endpoint_replaces_the_set_and_rejects_bad_values(
         "hang": False,
         "refuse": False,
         "crash": False,
+        "drop_events": 0,
     }
     assert (await set_faults(session, url))["error_rate"] == 0.0  # POST {} clears
-    for bad in ({"error_rate": 2}, {"latency_s": -1}, {"hang": "yes"}, {"nope": 1}, [1]):
+    bads = ({"error_rate": 2}, {"latency_s": -1}, {"hang": "yes"}, {"nope": 1}, [1], {"drop_events": -1})
+    for bad in (*bads, {"drop_events": 1.5}, {"drop_events": True}):
         async with session.post(f"{url}/kvrouter/faults", json=bad) as r:
             assert r.status == 400
             assert (await r.json())["type"] == "BadRequestError"
@@ -161,16 +166,56 @@ async def test_faults_from_the_constructor_apply_per_replica(session: aiohttp.Cl
         ("latency_s=0.2", None, Faults(latency_s=0.2)),
         ("1:error_rate=0.1,hang=1", 1, Faults(error_rate=0.1, hang=True)),
         ("refuse=true, crash=0", None, Faults(refuse=True)),
+        ("0:drop_events=3", 0, Faults(drop_events=3)),
     ],
 )
 def test_fault_specs_parse(spec: str, index: int | None, faults: Faults) -> None:
     assert parse_fault_spec(spec) == (index, faults)
 
 
-@pytest.mark.parametrize("spec", ["latency_s", "latency_s=abc", "bogus=1", "error_rate=3"])
+@pytest.mark.parametrize(
+    "spec", ["latency_s", "latency_s=abc", "bogus=1", "error_rate=3", "drop_events=1.5", "drop_events=-1"]
+)
 def test_bad_fault_specs_are_refused(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_fault_spec(spec)
+
+
+async def test_drop_events_withholds_batches_from_the_pub_socket_but_keeps_them_for_replay(
+    fleet: EmulatedFleet, session: aiohttp.ClientSession
+) -> None:
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    dealer = ctx.socket(zmq.DEALER)
+    url = fleet.urls[0]
+
+    async def complete(i: int) -> None:
+        async with session.post(f"{url}/v1/completions", json={"prompt": f"{i} " * 40, "max_tokens": 1}) as r:
+            assert r.status == 200
+
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(fleet.event_endpoints[0])
+        seen = -1
+        for i in range(50):  # ZMQ's slow joiner: a SUB sees only what is sent once it has joined
+            await complete(i)
+            if await sub.poll(timeout=100):
+                seen = decode_seq((await sub.recv_multipart())[1])
+                break
+        assert seen >= 0
+        await set_faults(session, url, drop_events=1)
+        await complete(100)  # batch seen + 1: withheld
+        await complete(101)
+        frames = await asyncio.wait_for(sub.recv_multipart(), 5)
+        assert decode_seq(frames[1]) == seen + 2
+        dealer.connect(fleet.replay_endpoints[0])
+        await dealer.send_multipart((b"", encode_seq(seen + 1)))
+        replayed = [decode_seq((await asyncio.wait_for(dealer.recv_multipart(), 5))[2]) for _ in range(3)]
+        assert replayed == [seen + 1, seen + 2, -1]  # both batches, then the end marker
+    finally:
+        sub.close(linger=0)
+        dealer.close(linger=0)
+        ctx.destroy(linger=0)
 
 
 async def test_a_failing_engine_step_marks_the_replica_dead_until_restarted(

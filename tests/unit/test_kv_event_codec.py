@@ -136,3 +136,12 @@ def test_sequence_frames(seq: int) -> None:
     assert decode_seq(frame) == seq
     with pytest.raises(KVEventDecodeError):
         decode_seq(frame[:7])
+
+
+def test_the_map_form_carries_lora_id_and_lora_name_as_vllm_does() -> None:
+    # vLLM declares them without defaults, so its omit_defaults never drops them, and vllm-router's
+    # kv_aware rejects a batch without them ("missing KV event field: lora_id").
+    stored = BlockStored((1, 2), None, tuple(range(32)), 16, "GPU", None)
+    (event,) = msgpack.unpackb(encode_batch([stored], 1.0, encoding="map"), raw=False)[1]
+    assert event["lora_id"] is None and event["lora_name"] is None
+    assert decode_batch(encode_batch([stored], 1.0, encoding="map")).events == (stored,)

@@ -227,6 +227,26 @@ def test_independent_routers_place_new_groups_alike() -> None:
     assert len(set(placements)) == 4
 
 
+def test_new_groups_go_where_the_fleet_holds_least_until_the_ring_bound() -> None:
+    """Resident KV counts as ring load: with `a` holding 8 groups' prefixes and `b` none, new groups go
+    to `b` whatever their hash, until `a` is within the bound (1.25x the mean share: after 5)."""
+    fleet = bare_fleet("a", "b")
+    fleet.attach(KvAware())
+    held = [text_req(chars(500 + g, 640)) for g in range(8)]
+    for r in held:
+        fleet.routed(r, Decision("a", 0, "setup"), now=0.0)
+        fleet.done(r.request_id, 0.0)
+    assert fleet.index.size("b") == 0 and fleet.index.size("a") == 8 * 10
+    placed = []
+    for g in range(5):
+        r = text_req(chars(900 + g, 640))
+        decision = fleet.route(r, now=1.0)
+        assert decision.reason == "ring"
+        placed.append(decision.replica)
+        fleet.done(r.request_id, 1.0)
+    assert placed == ["b"] * 5
+
+
 # -- known failure (a): a miss must not pile onto a busy replica --------------------------------
 
 

@@ -17,6 +17,9 @@ a fault can always be cleared):
   dropped mid-stream, new generation requests get a 500 EngineDeadError. Clearing it restarts the
   replica as a fresh vLLM process would come back: an empty cache, zeroed counters, and a KV-event
   sequence starting again at 0 with an empty replay buffer.
+- `drop_events` (N >= 0): the KV-event publisher does not send the next N batches on its PUB socket but
+  still numbers them and keeps them in its replay buffer — what a ZMQ PUB past its high-water mark
+  does to a slow subscriber. Each POST (or start) with N > 0 arms N more drops; GET shows the N set.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-_FIELDS = ("latency_s", "error_rate", "hang", "refuse", "crash")
+_FIELDS = ("latency_s", "error_rate", "hang", "refuse", "crash", "drop_events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +39,16 @@ class Faults:
     hang: bool = False
     refuse: bool = False
     crash: bool = False
+    drop_events: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.latency_s) and self.latency_s >= 0):
             raise ValueError(f"latency_s must be a finite number >= 0, got {self.latency_s}")
         if not (0.0 <= self.error_rate <= 1.0):
             raise ValueError(f"error_rate must be within [0, 1], got {self.error_rate}")
+        drops = self.drop_events
+        if isinstance(drops, bool) or not isinstance(drops, int) or drops < 0:
+            raise ValueError(f"drop_events must be an integer >= 0, got {self.drop_events!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +73,11 @@ class Faults:
                 if not isinstance(body[key], bool):
                     raise ValueError(f"{key} must be a boolean")
                 kwargs[key] = body[key]
+        if "drop_events" in body:
+            value = body["drop_events"]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError("drop_events must be an integer")
+            kwargs["drop_events"] = value
         return cls(**kwargs)
 
 
@@ -85,6 +97,11 @@ def parse_fault_spec(spec: str) -> tuple[int | None, Faults]:
             raise ValueError(f"fault {item!r}: expected key=value")
         if key in ("hang", "refuse", "crash"):
             values[key] = value.strip().lower() in ("1", "true", "yes", "on")
+        elif key == "drop_events":
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise ValueError(f"fault {item!r}: drop_events must be an integer") from None
         else:
             try:
                 values[key] = float(value)

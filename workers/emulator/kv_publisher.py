@@ -13,6 +13,8 @@ Wire (vllm-interfaces.md; payloads from `router.index.kv_events`, the one codec)
   ephemeral one; `endpoint`/`replay_endpoint` then name the address actually bound.
 - `reset()` is a restart: the sequence starts again at 0 and the buffer empties (the gap a router's
   subscriber must treat as a resync).
+- `drop_next(n)` (the `drop_events` fault): the next n batches are numbered and buffered for replay
+  but not sent on the PUB socket, as a PUB past its high-water mark drops them; subscribers see a gap.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class KVEventPublisher:
         self.buffer_steps = buffer_steps
         self.hwm = hwm
         self._seq = 0
+        self._drops = 0  # batches still to drop (drop_next)
+        self.dropped = 0  # batches dropped so far, for tests
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._pub: zmq.asyncio.Socket | None = None
         self._replay: zmq.asyncio.Socket | None = None
@@ -102,12 +106,22 @@ class KVEventPublisher:
         self._seq = 0
         self._buffer.clear()
 
+    def drop_next(self, n: int) -> None:
+        """Do not send the next `n` batches on the PUB socket (they still get a seq and a replay slot)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._drops += n
+
     async def publish(self, events: Sequence[KVEvent]) -> None:
         """Publish one batch (one engine step's events) and keep it for replay."""
         payload = encode_batch(events, time.time(), data_parallel_rank=0, encoding=self.encoding)
         seq = self._seq
         self._seq += 1
         self._buffer.append((seq, payload))
+        if self._drops:
+            self._drops -= 1
+            self.dropped += 1
+            return
         if self._pub is not None:
             await self._pub.send_multipart((self._topic, encode_seq(seq), payload))
 

@@ -138,23 +138,24 @@ def messages_text(messages: Any, *, add_generation_prompt: bool = True) -> str:
     return tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
 
 
-def _check_lengths(num_prompt: int, max_tokens: int, max_model_len: int) -> None:
-    """vLLM's length checks and messages (serving_engine.py, _validate_input; SamplingParams)."""
+def _check_lengths(num_prompt: int, max_tokens: int, max_model_len: int) -> int:
+    """vLLM 0.32's length rules and messages; returns the max_tokens the engine will use.
+
+    A prompt longer than the context is refused; a max_tokens reaching past the context is clamped to
+    what is left (vllm/entrypoints/serve/utils/api_utils.py, get_max_tokens), not refused as releases
+    before ~0.10 did; a prompt that fills the whole context leaves 0, which SamplingParams refuses.
+    """
     if num_prompt == 0:
         raise ApiError("The prompt cannot be empty.")
     if max_tokens < 1:
         raise ApiError(f"max_tokens must be at least 1, got {max_tokens}.")
-    if num_prompt >= max_model_len:
+    if num_prompt > max_model_len:
         raise ApiError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
-            f"{num_prompt} input tokens. Please reduce the length of the input messages."
+            f"Input length ({num_prompt}) exceeds model's maximum context length ({max_model_len})."
         )
-    if num_prompt + max_tokens > max_model_len:
-        raise ApiError(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the "
-            "completion). Please reduce the length of the messages or completion."
-        )
+    if num_prompt == max_model_len:
+        raise ApiError("max_tokens must be at least 1, got 0.")
+    return min(max_tokens, max_model_len - num_prompt)
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -186,7 +187,7 @@ def parse_completion(raw: Any, served_model: str, max_model_len: int) -> Generat
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     stream, include_usage = _stream_flags(body)
     ids = prompt_token_ids(body["prompt"])
-    _check_lengths(len(ids), max_tokens, max_model_len)
+    max_tokens = _check_lengths(len(ids), max_tokens, max_model_len)
     return GenerationRequest("completion", model, ids, max_tokens, stream, include_usage)
 
 
@@ -204,7 +205,7 @@ def parse_chat(raw: Any, served_model: str, max_model_len: int) -> GenerationReq
         body.get("messages"), add_generation_prompt=_opt_bool(body, "add_generation_prompt", True)
     )
     ids = tokenizer.encode(text)
-    _check_lengths(len(ids), max_tokens, max_model_len)
+    max_tokens = _check_lengths(len(ids), max_tokens, max_model_len)
     return GenerationRequest("chat", model, ids, max_tokens, stream, include_usage)
 
 

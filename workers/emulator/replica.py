@@ -162,6 +162,8 @@ class Replica:
             self.driver.kill()
         elif old.crash and not faults.crash:
             self._restart()
+        if faults.drop_events and self.publisher is not None:
+            self.publisher.drop_next(faults.drop_events)
 
     async def _listen(self) -> None:
         assert self._runner is not None

@@ -1,0 +1,1 @@
+"""Real vLLM replicas: the tiny local model builder and the launcher (see launch.py)."""
