@@ -80,7 +80,7 @@ $(VLLM_MODEL)/kvrouter-tiny-model.json: $(VLLM_STAMP) workers/vllm/tiny_model.py
 
 # The real-vLLM tier: tests/vllm starts 3 CPU replicas of the tiny model on loopback (2 with KV events,
 # 1 without) and kvrouter in front, and stops every process it started, also on failure. Logs in
-# reports/vllm/. Time on a fresh machine: see docs/OPERATIONS.md.
+# reports/vllm/. About 6 min on a fresh machine (docs/OPERATIONS.md).
 test-vllm: setup vllm-model
 	KVROUTER_VLLM_PYTHON=$(VLLM_VENV)/bin/python KVROUTER_VLLM_MODEL=$(VLLM_MODEL) \
 		$(BIN)/python -m pytest tests/vllm
