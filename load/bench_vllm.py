@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.vllm.cli import add_fleet_arguments, fleet_from_args
+
 DEFAULT_POLICIES = "kvaware,round_robin"
 
 
@@ -47,7 +49,6 @@ def register(commands: Any) -> None:
     )
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"(default {DEFAULT_POLICIES})")
     p.add_argument("--prompts", default="chat,tokens", help="chat, tokens or both (default chat,tokens)")
-    p.add_argument("--replicas", type=int, default=2, help="(default 2)")
     p.add_argument("--groups", type=int, default=8, help="shared prefixes (default 8)")
     # SGLang's generated-shared-prefix sends 16 prompts per group (anchors.md); fewer groups than its 64,
     # so that a row takes under a minute on the CPU build.
@@ -56,13 +57,8 @@ def register(commands: Any) -> None:
     p.add_argument("--question-tokens", type=int, default=48, help="about this many tokens (default 48)")
     p.add_argument("--max-tokens", type=int, default=4, help="output tokens a request (default 4)")
     p.add_argument("--rate", type=float, default=4.0, help="requests/s, Poisson (default 4)")
-    p.add_argument("--num-gpu-blocks-override", type=int, help="KV blocks a replica (default: 1 GiB)")
-    p.add_argument("--block-size", type=int, default=32, help="(default 32)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument(
-        "--python", type=Path, default=Path(".venv-vllm/bin/python"), help="the vLLM venv's Python"
-    )
-    p.add_argument("--model", type=Path, default=Path("build/tiny-llama"), help="(default build/tiny-llama)")
+    add_fleet_arguments(p)  # --replicas, --model, --python, --block-size, --num-gpu-blocks-override
     p.add_argument("--json", type=Path, help="write the results here")
     p.set_defaults(func=run)
 
@@ -97,17 +93,15 @@ def logical_hits(prompts: Sequence[Sequence[int]], block_size: int) -> int:
     return hits
 
 
-async def _tokenize(session: Any, url: str, model: str, payload: dict[str, Any]) -> tuple[int, ...]:
-    async with session.post(f"{url}/tokenize", json={"model": model, **payload}) as resp:
-        resp.raise_for_status()
-        return tuple((await resp.json())["tokens"])
-
-
 async def make_prompts(
     session: Any, url: str, model: str, kind: str, args: argparse.Namespace, nonce: str
 ) -> list[Prompt]:
     from load.workloads.text import text_from, tokens_to_chars
+    from router.tokenize import ReplicaTokenizer
 
+    # The token ids vLLM itself computes (its /tokenize), the router's own replica tokenizer asking;
+    # a generous timeout, as a loaded CPU replica may take a while.
+    tokenizer = ReplicaTokenizer(lambda: session, lambda _model: [url], timeout_s=60.0)
     rng = random.Random(f"{args.seed}-{nonce}")
     prefixes = [
         f"[{nonce}-{g}] " + text_from(f"{args.seed}-{nonce}-p{g}", tokens_to_chars(args.prefix_tokens))
@@ -121,10 +115,10 @@ async def make_prompts(
         body: dict[str, Any] = {"model": model, "max_tokens": args.max_tokens, "ignore_eos": True}
         if kind == "chat":
             messages = [{"role": "system", "content": prefixes[g]}, {"role": "user", "content": question}]
-            ids = await _tokenize(session, url, model, {"messages": messages, "add_generation_prompt": True})
+            ids = tuple(await tokenizer.chat_ids(model, messages, {}))
             body["messages"] = messages
         else:
-            ids = await _tokenize(session, url, model, {"prompt": prefixes[g] + question})
+            ids = tuple(await tokenizer.completion_ids(model, prefixes[g] + question, {}))
             body["prompt"] = list(ids)
         prompts.append(Prompt(f"{kind}-{i}", kind, g, body, ids))
     return prompts
@@ -133,7 +127,7 @@ async def make_prompts(
 async def run_row(fleet: Any, policy: str, kind: str, args: argparse.Namespace, nonce: str) -> dict[str, Any]:
     import aiohttp
 
-    from load.live import Outgoing, send
+    from load.live import Outgoing, drive
     from load.replica_metrics import hit_rate, scrape
     from router.config import BackendConfig, RouterConfig
     from router.server import RouterServer
@@ -169,7 +163,7 @@ async def run_row(fleet: Any, policy: str, kind: str, args: argparse.Namespace, 
                 outgoing.append(Outgoing(p.request_id, path, p.body, t))
                 t += rng.expovariate(args.rate)
             started = time.perf_counter()
-            results = await send(server.url, outgoing, concurrency=16, deadline_s=300.0)
+            results = await drive(server.url, outgoing, concurrency=16, deadline_s=300.0)
             wall = time.perf_counter() - started
             await asyncio.sleep(0.5)  # the last requests' counters reach /metrics
             after = await scrape(session, fleet.urls)
@@ -239,23 +233,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.vllm.launch import VLLMFleet
-
     kinds = [k.strip() for k in args.prompts.split(",") if k.strip()]
     if not kinds or any(k not in ("chat", "tokens") for k in kinds):
         print("kvrouter bench vllm: error: --prompts takes chat, tokens or both", file=sys.stderr)
         return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    try:
-        fleet = VLLMFleet(
-            python=args.python,
-            model_dir=args.model,
-            replicas=args.replicas,
-            block_size=args.block_size,
-            num_gpu_blocks_override=args.num_gpu_blocks_override,
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"kvrouter bench vllm: error: {exc}", file=sys.stderr)
+    fleet = fleet_from_args(args, "kvrouter bench vllm")
+    if fleet is None:
         return 2
     print(f"starting {args.replicas} vLLM replica(s) (about a minute; logs in reports/vllm/)", flush=True)
     rows: list[dict[str, Any]] = []

@@ -151,7 +151,7 @@ async def _one(
 
 async def drive(
     base_url: str,
-    requests: Sequence[WorkloadRequest],
+    requests: Sequence[WorkloadRequest | Outgoing],
     *,
     concurrency: int = 64,
     time_scale: float = 1.0,
@@ -159,36 +159,17 @@ async def drive(
     request_timeout_s: float = 120.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[LiveResult]:
-    """Send `requests` to `base_url` open-loop; one LiveResult per request, in completion order."""
-    return await send(
-        base_url,
-        [Outgoing.of(r) for r in requests],
-        concurrency=concurrency,
-        time_scale=time_scale,
-        deadline_s=deadline_s,
-        request_timeout_s=request_timeout_s,
-        progress=progress,
-    )
+    """Send `requests` to `base_url` open-loop; one LiveResult per request, in completion order.
 
-
-async def send(
-    base_url: str,
-    requests: Sequence[Outgoing],
-    *,
-    concurrency: int = 64,
-    time_scale: float = 1.0,
-    deadline_s: float = 600.0,
-    request_timeout_s: float = 120.0,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[LiveResult]:
-    """`drive` for requests given as bodies (token-id prompts, say): the same open loop and records."""
+    A workload's requests, or bodies given as they are (`Outgoing`: token-id prompts, say)."""
     if concurrency < 1 or time_scale <= 0:
         raise ValueError("concurrency and time_scale must be positive")
     slots = asyncio.Semaphore(concurrency)
     results: list[LiveResult] = []
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    start = requests[0].arrival_s if requests else 0.0
+    outgoing = [r if isinstance(r, Outgoing) else Outgoing.of(r) for r in requests]
+    start = outgoing[0].arrival_s if outgoing else 0.0
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
 
@@ -201,16 +182,16 @@ async def send(
                 result = await _one(session, base_url, req, scheduled, t0)
             results.append(result)
             if progress is not None:
-                progress(len(results), len(requests))
+                progress(len(results), len(outgoing))
 
-        tasks = [asyncio.ensure_future(send_one(r)) for r in requests]
+        tasks = [asyncio.ensure_future(send_one(r)) for r in outgoing]
         _done, pending = await asyncio.wait(tasks, timeout=deadline_s) if tasks else (set(), set())
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
     finished = {r.request_id for r in results}
-    for req in requests:
+    for req in outgoing:
         if req.request_id not in finished:
             scheduled = (req.arrival_s - start) * time_scale
             results.append(

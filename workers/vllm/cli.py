@@ -18,7 +18,10 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.vllm.launch import VLLMFleet
 
 DEFAULT_VLLM_PYTHON = Path(".venv-vllm/bin/python")
 DEFAULT_MODEL_DIR = Path("build/tiny-llama")
@@ -40,15 +43,7 @@ def register(commands: Any) -> None:
     build.set_defaults(func=_build)
 
     launch = sub.add_parser("launch", help="start N vLLM CPU replicas on loopback until Ctrl-C")
-    launch.add_argument("--replicas", type=int, default=2, help="(default 2)")
-    launch.add_argument(
-        "--model", type=Path, default=DEFAULT_MODEL_DIR, help=f"(default {DEFAULT_MODEL_DIR})"
-    )
-    launch.add_argument("--python", type=Path, default=DEFAULT_VLLM_PYTHON, help="the vLLM venv's Python")
-    launch.add_argument(
-        "--block-size", type=int, default=32, help="multiples of 32 on the CPU build (default 32)"
-    )
-    launch.add_argument("--num-gpu-blocks-override", type=int, help="a small KV cache, in blocks")
+    add_fleet_arguments(launch)
     launch.add_argument("--no-kv-events", action="store_true", help="publish no KV events")
     launch.add_argument("--log-dir", type=Path, default=Path("reports/vllm"), help="(default reports/vllm)")
     launch.set_defaults(func=_launch)
@@ -62,6 +57,38 @@ def register(commands: Any) -> None:
     command.add_argument("--events-port", type=int, default=5557, help="KV-event PUB port (default 5557)")
     command.add_argument("--replay-port", type=int, default=5558, help="replay ROUTER port (default 5558)")
     command.set_defaults(func=_command)
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a CPU fleet (`kvrouter vllm launch`, `kvrouter bench vllm`): see `fleet_from_args`."""
+    parser.add_argument("--replicas", type=int, default=2, help="(default 2)")
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL_DIR, help=f"(default {DEFAULT_MODEL_DIR})"
+    )
+    parser.add_argument("--python", type=Path, default=DEFAULT_VLLM_PYTHON, help="the vLLM venv's Python")
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="multiples of 32 on the CPU build (default 32)"
+    )
+    parser.add_argument("--num-gpu-blocks-override", type=int, help="a small KV cache, in blocks")
+
+
+def fleet_from_args(args: argparse.Namespace, command: str, **extra: Any) -> VLLMFleet | None:
+    """The fleet `add_fleet_arguments`' flags describe, or None after printing why there is none
+    (no vLLM venv, no model, a bad count)."""
+    from workers.vllm.launch import VLLMFleet
+
+    try:
+        return VLLMFleet(
+            python=args.python,
+            model_dir=args.model,
+            replicas=args.replicas,
+            block_size=args.block_size,
+            num_gpu_blocks_override=args.num_gpu_blocks_override,
+            **extra,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return None
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -81,20 +108,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from workers.vllm.launch import VLLMFleet
-
-    try:
-        fleet = VLLMFleet(
-            python=args.python,
-            model_dir=args.model,
-            replicas=args.replicas,
-            block_size=args.block_size,
-            num_gpu_blocks_override=args.num_gpu_blocks_override,
-            events=[not args.no_kv_events] * args.replicas,
-            log_dir=args.log_dir,
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"kvrouter vllm: error: {exc}", file=sys.stderr)
+    fleet = fleet_from_args(
+        args, "kvrouter vllm", events=[not args.no_kv_events] * args.replicas, log_dir=args.log_dir
+    )
+    if fleet is None:
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
