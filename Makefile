@@ -81,9 +81,10 @@ $(VLLM_MODEL)/kvrouter-tiny-model.json: $(VLLM_STAMP) workers/vllm/tiny_model.py
 # The real-vLLM tier: tests/vllm starts 3 CPU replicas of the tiny model on loopback (2 with KV events,
 # 1 without) and kvrouter in front, and stops every process it started, also on failure. Logs in
 # reports/vllm/. About 6 min on a fresh machine (docs/OPERATIONS.md).
+# Bounded: a hang ends in 20 min (SIGINT first, so the fixtures stop the replicas; SIGKILL a minute later).
 test-vllm: setup vllm-model
 	KVROUTER_VLLM_PYTHON=$(VLLM_VENV)/bin/python KVROUTER_VLLM_MODEL=$(VLLM_MODEL) \
-		$(BIN)/python -m pytest tests/vllm
+		timeout --signal=INT --kill-after=60 1200 $(BIN)/python -m pytest tests/vllm
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) $(VLLM_VENV) build .mypy_cache .pytest_cache .ruff_cache

@@ -388,9 +388,14 @@ class ReplicaEvents:
             if source.replay_endpoint.startswith("tcp://["):
                 dealer.setsockopt(zmq.IPV6, 1)
             dealer.connect(source.replay_endpoint)
-            await asyncio.wait_for(dealer.send_multipart((b"", encode_seq(start))), _REPLAY_IDLE_S)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when the inner
+            # future completes in the same loop turn as a cancellation, swallowing the CancelledError
+            # (CPython gh-86296); a router stopping mid-replay then kept following the stream forever.
+            async with asyncio.timeout(_REPLAY_IDLE_S):
+                await dealer.send_multipart((b"", encode_seq(start)))
             for _ in range(_REPLAY_MAX_BATCHES):
-                frames = await asyncio.wait_for(dealer.recv_multipart(), _REPLAY_IDLE_S)
+                async with asyncio.timeout(_REPLAY_IDLE_S):
+                    frames = await dealer.recv_multipart()
                 if not frames or frames[0] != b"" or len(frames) not in (3, 4):
                     raise _ReplayFailed(f"a malformed replay reply of {len(frames)} frames")
                 seq_frame, payload = frames[-2], frames[-1]
