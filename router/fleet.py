@@ -23,6 +23,14 @@ Rules:
 - `routed` writes the request's chained hashes into the PrefixIndex for the chosen replica at once
   (speculative insert, as llm-d's approximate scorer and Dynamo's approximate mode do), unless that
   replica's index is event-fed, in which case only its KV events write it.
+- Pending prefixes of event-fed replicas: between a request's routing and the BlockStored events of its
+  prefill (its queueing and prefill time, seconds on a busy or slow engine) its replica holds nothing
+  yet by the index, so a second request of the same new prefix would look like a new group and could
+  be placed elsewhere, computing the prefix twice. `longest_match` therefore also counts, for an
+  event-fed replica, the chunks its in-flight requests are computing (their refcounts below): pending
+  entries, confirmed by the events that follow or gone with the request. After a request ends its
+  blocks have been announced (vLLM publishes BlockStored at the step that fills them, before the
+  answer's last token), so only an event's network delay is uncovered.
 - The Fleet knows no particular policy: it calls the `Policy` hooks and nothing else. No clock: `now`
   is an argument everywhere.
 """
@@ -30,7 +38,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from router.index.prefix_index import PrefixIndex
@@ -414,6 +422,27 @@ class Fleet:
         return len(stale)
 
     # -- reads for policies -------------------------------------------------------------------
+
+    def longest_match(self, chained: Sequence[int]) -> dict[str, int]:
+        """{replica: consecutive chunks of `chained` it holds or is computing}, for replicas with any.
+
+        The PrefixIndex's match, extended for event-fed replicas by the chunks their in-flight requests
+        use (pending entries, see the module rules): the chain continues while each next chunk is in
+        the index or in flight there. Costs nothing more when no event-fed replica has requests in
+        flight; otherwise O(k) more lookups for each such replica.
+        """
+        matches = self.index.longest_match(chained)
+        n = len(chained)
+        for name, state in self._replicas.items():
+            refs = self._refs[name]
+            if not state.event_fed or not refs:
+                continue
+            depth = matches.get(name, 0)
+            while depth < n and (chained[depth] in refs or self.index.holds(name, chained[depth])):
+                depth += 1
+            if depth:
+                matches[name] = depth
+        return matches
 
     def inflight_count(self) -> int:
         return len(self._inflight)

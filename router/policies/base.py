@@ -136,12 +136,12 @@ def candidates_or_raise(fleet: Fleet, request: RequestView) -> list[ReplicaState
 
 
 def index_cached_tokens(fleet: Fleet, request: RequestView, replica: str) -> int:
-    """Prompt tokens the shared PrefixIndex believes `replica` holds, for policies that ignore it.
+    """Prompt tokens the router believes `replica` holds (`Fleet.longest_match`), for policies that ignore it.
 
     Load-only baselines still report what the router knows, so the Fleet's prefill-token accounting
     means the same thing whichever policy runs.
     """
-    matched = fleet.index.longest_match(request.hashes.chained).get(replica, 0)
+    matched = fleet.longest_match(request.hashes.chained).get(replica, 0)
     return request.cached_tokens(matched)
 
 

@@ -239,7 +239,7 @@ class KvAware(PolicyBase):
     def estimates(self, request: RequestView, fleet: Fleet, now: float) -> list[Estimate]:
         """TTFT estimates for every candidate, in name order."""
         candidates = candidates_or_raise(fleet, request)
-        matches = fleet.index.longest_match(request.hashes.chained)
+        matches = fleet.longest_match(request.hashes.chained)
         cached = {s.name: request.cached_tokens(matches.get(s.name, 0)) for s in candidates}
         credit = self._similarity_credit(request, fleet, max(cached.values()))
         # Before any routing, price others' waiting requests like this one (all of it uncached).

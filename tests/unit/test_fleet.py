@@ -220,6 +220,47 @@ def test_speculative_insert_unless_event_fed(event_fed: bool, indexed: bool) -> 
     assert matched == (len(r.hashes) if indexed else 0)
 
 
+def test_event_fed_replica_matches_what_its_in_flight_requests_compute() -> None:
+    """Pending entries: an event-fed replica's index says nothing until its BlockStored events, but a
+    request routed there is computing its prefix, so `longest_match` counts it until the request ends."""
+    fleet = Fleet(Recorder("a"))
+    fleet.add_replica("a", event_fed=True)
+    fleet.add_replica("b", event_fed=True)
+    first, second = req("r1"), req("r2", SYSTEM + "another question")
+    fleet.route(first, now=0.0)
+    shared = sum(1 for x, y in zip(first.hashes.chained, second.hashes.chained, strict=False) if x == y)
+    assert 0 < shared < len(second.hashes.chained)
+    assert fleet.index.longest_match(second.hashes.chained) == {}
+    assert fleet.longest_match(second.hashes.chained) == {"a": shared}
+    fleet.done(first.request_id, now=1.0)  # ended with no event: nothing confirmed it
+    assert fleet.longest_match(second.hashes.chained) == {}
+
+
+def test_pending_entries_extend_what_events_confirmed() -> None:
+    """A chain the events announced in part continues through chunks in flight, and only from the
+    start: chunks in flight after a hole do not count."""
+    fleet = Fleet(Recorder("a"))
+    fleet.add_replica("a", event_fed=True)
+    r = req("r1", SYSTEM * 3)
+    chained = r.hashes.chained
+    fleet.index.insert("a", chained[:4], now=0.0)  # what BlockStored events announced so far
+    assert fleet.longest_match(chained) == {"a": 4}
+    fleet.route(req("r0", SYSTEM * 2), now=0.0)  # in flight on a: the chain's first chunks
+    in_flight = len(req("x", SYSTEM * 2).hashes.chained)
+    assert fleet.longest_match(chained) == {"a": in_flight}
+    fleet.index.remove("a", chained[:1])  # the first block evicted, the rest still in flight: no hole
+    assert fleet.longest_match(chained) == {"a": in_flight}
+
+
+def test_routing_time_index_needs_no_pending_entries() -> None:
+    """Not event-fed: the routing-time insert already holds the chain; the match is the index's."""
+    fleet = Fleet(Recorder("a"))
+    fleet.add_replica("a")
+    r = req("r1")
+    fleet.route(r, now=0.0)
+    assert fleet.longest_match(r.hashes.chained) == fleet.index.longest_match(r.hashes.chained)
+
+
 # -- membership and candidates -----------------------------------------------------------------
 
 

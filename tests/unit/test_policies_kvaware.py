@@ -247,6 +247,24 @@ def test_new_groups_go_where_the_fleet_holds_least_until_the_ring_bound() -> Non
     assert placed == ["b"] * 5
 
 
+def test_a_new_groups_follower_finds_its_event_fed_holder_before_the_events() -> None:
+    """In event-fed mode a group's second request, arriving while its first still prefills (no
+    BlockStored yet), goes where the first went, not wherever the ring's bound puts a new group: the
+    split that computed prefixes twice on real vLLM with small caches (issue #6)."""
+    fleet = Fleet(config=FleetConfig(prefill_tokens_per_s=RATE))
+    for name in ("a", "b"):
+        fleet.add_replica(name, event_fed=True)
+    fleet.attach(KvAware(KvAwareParams(**PREFILL_ONLY)))
+    prefix = chars(7, 2000)
+    first = fleet.route(text_req(prefix + "first question"), now=0.0)
+    assert first.reason == "ring"
+    # Load the first's replica so that a new group would be placed on the other one.
+    add_prefill_load(fleet, first.replica, 300)
+    follower = fleet.route(text_req(prefix + "second question"), now=0.1)
+    assert follower.replica == first.replica and follower.reason == "prefix-hit"
+    assert follower.expected_cached_tokens > 0
+
+
 # -- known failure (a): a miss must not pile onto a busy replica --------------------------------
 
 
