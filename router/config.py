@@ -15,7 +15,11 @@ Rules:
   same, insisting; "off"; or the PUB endpoint), `kv_events_replay` and `kv_events_topic` say where a
   replica's KV events come from (router/kv_subscriber.py); a malformed endpoint is a ConfigError.
 - `migration_interval_s` (0.5): how often the hot-prefix controller ticks; it runs only when the policy
-  is kvaware with `migration` true (router/migration.py).
+  is kvaware with `migration` true (router/migration.py). `hot_prefix`: a mapping of the controller's
+  parameters (router/hot_prefix.py `TUNABLE_PARAMS`: cooldown_s, migration_timeout_s, the hysteresis
+  thresholds, max_concurrent, ...), each optional, over `HotPrefixParams`' defaults; an unknown key is
+  an error listing the known ones, a value of the wrong type or out of range one naming the key. A
+  reload applies a changed `hot_prefix` to the running controller (router/migration.py `retune`).
 - Precedence: a flag given on the command line > the file > the default. `--backend` flags add to
   the file's backends (names must stay unique).
 - The admin token comes from the file's `admin_token` or, if absent, from the environment variable
@@ -38,6 +42,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
+from router.hot_prefix import TUNABLE_PARAMS, HotPrefixParams
 from router.policies.base import Policy
 from router.policies.registry import DEFAULT_POLICY, build_policy, parse_policy_spec
 
@@ -64,6 +69,7 @@ KV_TRANSFERS = ("p2p", "warmup", "lmcache", "nixl")
 KV_EVENTS_AUTO, KV_EVENTS_OFF = "auto", "off"
 _TCP_ENDPOINT_RE = re.compile(r"^tcp://(\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.:-]+):(\d{1,5})$")
 TOKENIZER_REPLICA = "replica"  # `tokenizer: replica`: ask a replica's POST /tokenize
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # a number YAML may have kept as text
 
 
 class ConfigError(ValueError):
@@ -149,6 +155,8 @@ class RouterConfig:
     breaker_max_cooldown_s: float = 60.0
     shutdown_timeout_s: float = 30.0  # graceful shutdown: how long in-flight requests may finish
     migration_interval_s: float = 0.5  # hot-prefix controller ticks (kvaware with migration=true)
+    # The hot-prefix controller's parameters that differ from their defaults (`check_hot_prefix`).
+    hot_prefix: Mapping[str, object] = field(default_factory=dict)
     # The LMCache controller (`python -m lmcache.v1.api_server --port 9000`) through which backends
     # with kv_transfer "lmcache" copy KV; required when one has it.
     lmcache_controller_url: str | None = None
@@ -223,6 +231,7 @@ class RouterConfig:
         if dupes:
             raise ConfigError(f"backend names must be unique; repeated: {', '.join(dupes)}")
         check_transfer_peers(self.backends, self.lmcache_controller_url)
+        check_hot_prefix(self.hot_prefix)
         self.make_policy()  # an unknown policy or parameter fails here, at startup
 
     def make_policy(self) -> Policy:
@@ -237,6 +246,29 @@ class RouterConfig:
     @property
     def policy_name(self) -> str:
         return self.policy.partition(":")[0].strip()
+
+
+def check_hot_prefix(raw: object) -> HotPrefixParams:
+    """The `hot_prefix` mapping as controller parameters (the kvaware policy's own `group_chunks` and
+    step model at their defaults; the runner puts the policy's in, router/migration.py). ConfigError
+    for anything else than a mapping of known keys to valid values."""
+    known = ", ".join(TUNABLE_PARAMS)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"hot_prefix must be a mapping of hot-prefix controller parameters ({known})")
+    unknown = sorted(str(k) for k in raw if k not in TUNABLE_PARAMS)
+    if unknown:
+        hint = ""
+        if "group_chunks" in unknown:  # a HotPrefixParams field, but it must equal the policy's
+            hint = " (group_chunks is the kvaware policy's: set it there, e.g. kvaware:group_chunks=4)"
+        raise ConfigError(f"hot_prefix: unknown key(s) {', '.join(unknown)}; known: {known}{hint}")
+    try:
+        return HotPrefixParams(**raw)
+    except ValueError as exc:
+        hint = ""
+        if any(isinstance(v, str) and _FLOAT_RE.match(v) for v in raw.values()):
+            # PyYAML (YAML 1.1) reads a float only with a dot and a signed exponent.
+            hint = " (YAML reads 25e9 or 1e-3 as a string: write 2.5e+10, 1.0e-3 or 0.001)"
+        raise ConfigError(f"hot_prefix: {exc}{hint}") from None
 
 
 def _check_rate(value: object, what: str) -> None:
@@ -435,6 +467,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         kwargs["policy"], kwargs["policy_params"] = name, dict(params)
     elif policy is not None and not isinstance(policy, str):
         raise ConfigError("policy must be a spec string or a mapping {name: str, params: {...}}")
+    if "hot_prefix" in kwargs and kwargs["hot_prefix"] is None:
+        kwargs["hot_prefix"] = {}  # `hot_prefix:` with every key commented out
     return kwargs
 
 

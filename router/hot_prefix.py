@@ -26,15 +26,18 @@ Rules:
   at most `max_concurrent` in flight fleet-wide; a group may be forbidden (`forbid`).
 - Target: a non-holder serving the model, available, with wait <= `headroom_wait_s` and free KV
   (`kv_capacity_tokens - committed_kv_tokens`, when known) for the prefix; lowest wait, then most free KV,
-  then name. Source (for a copy): the holder with the lowest wait.
+  then name. Source (for a copy): the holder with the lowest wait among those the target can copy from.
 - Copy or recompute: copying `t` tokens costs `copy_overhead_s + t * kv_bytes_per_token / copy_bytes_per_s`;
   recomputing them on the target costs `t / prefill_rate(target)`. A copy is planned only when it is
   cheaper, i.e. when `t` exceeds `copy_overhead_s / (1/rate - kv_bytes_per_token/bandwidth)` (infinite
-  when the link is slower per token than the target's prefill): `copy_min_tokens`. Otherwise a WARM-UP
-  prefill is planned (if `warmup` is allowed): it recomputes the prefix once on the target, off the
-  critical path of any user request, and the target has headroom by construction, so it is always allowed
-  there. (llm-d's draft pulls only above a cached-token lead of 2K-12K tokens; here the threshold follows
-  from the link and the target instead of being a constant.)
+  when the link is slower per token than the target's prefill): `copy_min_tokens`, and when some holder
+  can copy to the target at all: the driver says which pairs can (`can_copy(source, target, tokens)`; the
+  proxy answers from the backends' `kv_transfer`, router/migration.py; by default every pair can, the
+  simulator's single link). So a plan's `mechanism` is the one that runs. Otherwise a WARM-UP prefill is
+  planned (if `warmup` is allowed): it recomputes the prefix once on the target, off the critical path of
+  any user request, and the target has headroom by construction, so it is always allowed there.
+  (llm-d's draft pulls only above a cached-token lead of 2K-12K tokens; here the threshold follows from
+  the link and the target instead of being a constant.)
 - Shrink: holders the controller added are forgotten again (`PrefixIndex.remove` of the prefix), most
   recent first, one per `shrink_after_s`, while the group has been cool that long and it keeps more
   holders than its demand needs: ceil(its share of the fleet's request rate x available replicas x
@@ -42,13 +45,17 @@ Rules:
 - Bounded memory: at most `max_groups` groups (the coldest are dropped), a group whose decayed rate
   falls below `forget_rps` and has nothing in flight or added is dropped; in-flight plans older than
   `migration_timeout_s` count as failed.
+- Parameters (`HotPrefixParams`) are validated on construction (ValueError naming the field). All but
+  `group_chunks` and `step`, which are the kvaware policy's own, are operator settings
+  (`TUNABLE_PARAMS`: kvrouter serve's `hot_prefix:` keys, router/config.py). The driver may replace
+  `params` between calls (a reload): every rule reads them afresh, and the groups' state is kept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
 from router.policies.kvaware import KvAwareParams, group_key, step_tokens
@@ -58,7 +65,11 @@ if TYPE_CHECKING:
     from router.policies.base import Decision, RequestView
 
 Mechanism = Literal["copy", "warmup"]
+# Whether the backends can copy `tokens` of prefix KV from `source` to `target` (the driver's knowledge).
+CanCopy = Callable[[str, str, int], bool]
 _LN2 = math.log(2.0)
+# The fields the kvaware policy owns: `group_chunks` must equal its own and `step` is its step model.
+POLICY_OWNED = ("group_chunks", "step")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +99,66 @@ class HotPrefixParams:
     step: KvAwareParams = field(default_factory=KvAwareParams)
 
     def __post_init__(self) -> None:
-        if self.group_chunks <= 0 or self.max_concurrent < 0 or self.max_holders < 1 or self.max_groups < 1:
-            raise ValueError("group_chunks, max_holders, max_groups must be positive; max_concurrent >= 0")
-        if self.half_life_s <= 0 or self.kv_bytes_per_token < 0:
-            raise ValueError("half_life_s must be positive and kv_bytes_per_token non-negative")
-        if not 0 <= self.cool_wait_s < self.hot_wait_s:
-            raise ValueError("need 0 <= cool_wait_s < hot_wait_s (hysteresis)")
-        if self.copy_bytes_per_s is not None and self.copy_bytes_per_s <= 0:
-            raise ValueError("copy_bytes_per_s must be positive (or None)")
+        if not isinstance(self.group_chunks, int) or self.group_chunks <= 0:
+            raise ValueError(f"group_chunks must be a positive integer, got {self.group_chunks!r}")
+        for name in TUNABLE_PARAMS:
+            _check_param(name, getattr(self, name), *_LIMITS[name])
+        if not self.cool_wait_s < self.hot_wait_s:
+            raise ValueError(
+                f"cool_wait_s ({self.cool_wait_s}) must be below hot_wait_s ({self.hot_wait_s}): a hot "
+                "group turns cool only below cool_wait_s (hysteresis)"
+            )
+
+
+# What an operator may set: every field but the policy's (kvrouter serve's `hot_prefix:` keys).
+TUNABLE_PARAMS = tuple(f.name for f in fields(HotPrefixParams) if f.name not in POLICY_OWNED)
+
+_Kind = Literal["number", "number or None", "integer", "bool"]
+# Each tunable field: its kind, its lower bound, and whether the bound itself is allowed. Zero is allowed
+# only where it means something; every other number must be positive.
+_LIMITS: dict[str, tuple[_Kind, float, bool]] = {
+    "half_life_s": ("number", 0, False),
+    "hot_wait_s": ("number", 0, False),
+    "cool_wait_s": ("number", 0, True),  # 0: a hot group never cools again (nor shrinks)
+    "headroom_wait_s": ("number", 0, False),
+    "min_rate_rps": ("number", 0, False),
+    "cooldown_s": ("number", 0, True),  # 0: plan again at the first tick after the last plan ended
+    "max_concurrent": ("integer", 0, True),  # 0: no migrations at all, manual ones included
+    "max_holders": ("integer", 1, True),
+    "shrink_after_s": ("number", 0, False),
+    "shrink_margin": ("number", 0, False),
+    "kv_bytes_per_token": ("integer", 0, True),  # 0: a model without KV (the emulator's `instant` preset)
+    "copy_bytes_per_s": ("number or None", 0, False),  # None: the backends cannot copy KV
+    "copy_overhead_s": ("number", 0, True),
+    "warmup": ("bool", 0, True),
+    "migration_timeout_s": ("number", 0, False),
+    "max_groups": ("integer", 1, True),
+    "forget_rps": ("number", 0, False),
+    "typical_tokens": ("number", 0, False),
+}
+
+
+def _check_param(name: str, value: object, kind: _Kind, low: float, inclusive: bool) -> None:
+    """ValueError unless `value` is of `kind` and above `low` (or at it, if `inclusive`)."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return
+    if kind == "number or None" and value is None:
+        return
+    # bool is an int to Python: `cooldown_s: yes` in YAML must not mean 1 s.
+    if kind == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        assert isinstance(value, int | float)
+        ok = value >= low if inclusive else value > low
+    if not ok:
+        what = "an integer" if kind == "integer" else "a finite number"
+        bound = f">= {low:g}" if inclusive else f"> {low:g}"
+        none = " (or None: the backends cannot copy KV, warm-ups only)" if kind == "number or None" else ""
+        raise ValueError(f"{name} must be {what} {bound}{none}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +252,12 @@ class _Group:
         return int(len(self.chain) * self.tokens_per_chunk)
 
 
+def _any_pair(source: str, target: str, tokens: int) -> bool:
+    """The default `can_copy`: every pair shares one link (`copy_bytes_per_s`), as in the simulator."""
+    del source, target, tokens
+    return True
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the common prefix of two chained-hash sequences (binary search: chains agree up to
     some point and nowhere after it)."""
@@ -205,8 +274,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class HotPrefixController:
     """Detection and planning; see the module docstring. One per router, no locks (one event loop)."""
 
-    def __init__(self, params: HotPrefixParams | None = None) -> None:
+    def __init__(self, params: HotPrefixParams | None = None, can_copy: CanCopy | None = None) -> None:
         self.params = params or HotPrefixParams()
+        self.can_copy: CanCopy = can_copy or _any_pair
         self._groups: dict[int, _Group] = {}
         self._forbidden: set[int] = set()
         self._in_flight: dict[int, MigrationPlan] = {}
@@ -230,7 +300,7 @@ class HotPrefixController:
         chained = request.hashes.chained
         g = self._groups.get(key)
         if g is None:
-            if len(self._groups) >= p.max_groups:
+            while len(self._groups) >= p.max_groups:  # `while`: max_groups may have been lowered
                 self._drop_coldest(now)
             source: str | tuple[int, ...] = request.text
             if request.hashes.unit == "token" and request.token_ids is not None:
@@ -311,8 +381,8 @@ class HotPrefixController:
         target = self._pick_target(g, holders, waits, fleet)
         if target is None:
             return None
-        source = min(holders, key=lambda h: (waits[h], h))
-        plan = self._make_plan(g, target, source, fleet, now, "hot")
+        sources = sorted(holders, key=lambda h: (waits[h], h))
+        plan = self._make_plan(g, target, sources, fleet, now, "hot")
         if plan is not None:
             self._start(plan, g, now)
         return plan
@@ -335,13 +405,18 @@ class HotPrefixController:
         return None if best is None else best[2]
 
     def _make_plan(
-        self, g: _Group, target: str, source: str | None, fleet: Fleet, now: float, reason: str
+        self, g: _Group, target: str, sources: Sequence[str], fleet: Fleet, now: float, reason: str
     ) -> MigrationPlan | None:
+        """A copy from the first of `sources` (holders, best first) that can copy to `target`, if copying
+        is cheaper than recomputing; else a warm-up, if allowed; else None."""
         p = self.params
         tokens = g.prefix_tokens
         rate = fleet.replicas[target].prefill_tokens_per_s
         mechanism: Mechanism
-        if source is not None and tokens >= copy_min_tokens(p, rate):
+        source = None
+        if tokens >= copy_min_tokens(p, rate):
+            source = next((s for s in sources if self.can_copy(s, target, tokens)), None)
+        if source is not None:
             mechanism, est, nbytes = "copy", copy_s(p, tokens), tokens * p.kv_bytes_per_token
         elif p.warmup:
             mechanism, est, nbytes, source = "warmup", tokens / rate, 0, None
@@ -444,8 +519,8 @@ class HotPrefixController:
         if len(self._in_flight) >= self.params.max_concurrent:
             raise ValueError("the migration budget is spent")
         waits = {h: replica_wait_s(fleet.replicas[h], now, self.params) for h in holders}
-        source = min(waits, key=lambda h: (waits[h], h)) if waits else None
-        plan = self._make_plan(g, target, source, fleet, now, "manual")
+        sources = sorted(waits, key=lambda h: (waits[h], h))
+        plan = self._make_plan(g, target, sources, fleet, now, "manual")
         if plan is None:
             raise ValueError("no mechanism can move this prefix (no copy backend, warm-up disabled)")
         self._start(plan, g, now)

@@ -3,15 +3,23 @@
 Rules:
 - It exists only when the policy is kvaware with `migration` true (`kvaware:migration=false` turns it
   off); `make_runner` returns None otherwise, and then /admin/hot and /admin/migrations answer 404.
+- The controller's parameters are the config's `hot_prefix:` mapping over `HotPrefixParams`' defaults,
+  with the policy's own `group_chunks` and step model (`hot_prefix_params`). A reload that changes only
+  `hot_prefix` retunes the running controller (`retune`): groups, rates, added holders and migrations in
+  flight are kept, the new values rule from the next tick, and a migration already running keeps the
+  timeout it started with. A reload that changes the policy builds a new runner.
 - Every routed request is counted (`observe`, called by router/forward.py after each routing decision).
 - `tick` (every `migration_interval_s`, from the app's cleanup_ctx loop) asks the controller for plans
   and starts each as a task. The controller bounds what is in flight (`max_concurrent`), so no extra
   semaphore is needed; a plan also times out after the controller's `migration_timeout_s`.
-- A plan runs with the executor of its TARGET backend's `kv_transfer` (router/executors.py) when the
-  plan is a copy and its source backend has the same `kv_transfer`: "p2p" (the emulator's
-  export/import), "lmcache" (the LMCache controller's /move, at the config's `lmcache_controller_url`)
-  or "nixl" (the target pulls from the source's OffloadingConnector P2P tier); otherwise (and for a
-  prefix shorter than one LMCache chunk) a warm-up prefill, which works on any vLLM. The controller
+- A copy runs with the executor of its TARGET backend's `kv_transfer` (router/executors.py) when its
+  source backend has the same `kv_transfer`: "p2p" (the emulator's export/import), "lmcache" (the
+  LMCache controller's /move, at the config's `lmcache_controller_url`; a prefix of at least one LMCache
+  chunk) or "nixl" (the target pulls from the source's OffloadingConnector P2P tier): `copy_kind`.
+  The controller is told exactly this (`can_copy`) and plans a copy only for such a pair, a warm-up
+  prefill (any vLLM) otherwise; so a plan's `mechanism` (in /admin/hot and the POST /admin/migrations
+  answer) is the one that runs, and a warm-up's bytes are 0. The executor is chosen in `launch`, in the
+  same synchronous step as the planning, so the backends cannot change in between. The controller
   indexes the target only on `completed`.
 - Whatever an executor does (an error answer, malformed JSON, a hang), the outcome is `failed`: its
   run is bounded by `migration_timeout_s` and no exception leaves the task, so the tick loop goes on
@@ -26,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +48,11 @@ from router.executors import (
     P2PExecutor,
     WarmupExecutor,
 )
-from router.hot_prefix import HotPrefixController, HotPrefixParams, MigrationPlan
+from router.hot_prefix import TUNABLE_PARAMS, HotPrefixController, HotPrefixParams, MigrationPlan
 from router.policies.kvaware import KvAwareParams
 
 if TYPE_CHECKING:
+    from router.config import BackendConfig
     from router.fleet import Fleet
     from router.metrics import RouterMetrics
     from router.policies.base import Decision, RequestView
@@ -51,6 +60,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvrouter.migration")
 Executor = P2PExecutor | WarmupExecutor | LMCacheExecutor | NixlExecutor
+COPY_KINDS = ("p2p", "lmcache", "nixl")  # the `kv_transfer`s that copy KV; "warmup" and None recompute
+
+
+def copy_kind(source: BackendConfig | None, target: BackendConfig | None, tokens: int) -> str | None:
+    """The `kv_transfer` that can copy `tokens` of prefix from `source` to `target`, or None (a warm-up)."""
+    if source is None or target is None:
+        return None
+    kind = target.kv_transfer
+    if kind not in COPY_KINDS or source.kv_transfer != kind:
+        return None
+    # LMCache moves whole 256-token chunks only: a shorter prefix is recomputed instead.
+    if kind == "lmcache" and tokens < LMCACHE_CHUNK_TOKENS:
+        return None
+    return kind
+
+
+def hot_prefix_params(policy: KvAwareParams, overrides: Mapping[str, object]) -> HotPrefixParams:
+    """The controller's parameters: `overrides` (the config's `hot_prefix`, validated there) over the
+    defaults, with the policy's group size and step model."""
+    return HotPrefixParams(**overrides, group_chunks=policy.group_chunks, step=policy)  # type: ignore[arg-type]
 
 
 class MigrationRunner:
@@ -58,13 +87,14 @@ class MigrationRunner:
 
     def __init__(
         self,
-        controller: HotPrefixController,
+        params: HotPrefixParams,
         fleet: Fleet,
         replicas: ReplicaSet,
         metrics: RouterMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.controller = controller
+        # The runner builds its controller so that the planner always knows which pairs can copy.
+        self.controller = HotPrefixController(params, can_copy=self.can_copy)
         self.fleet = fleet
         self.replicas = replicas
         self.metrics = metrics
@@ -80,10 +110,24 @@ class MigrationRunner:
             self.launch(plan)
         self.metrics.hot_groups.set(self.controller.hot_count())
 
+    def retune(self, overrides: Mapping[str, object]) -> None:
+        """New `hot_prefix` values for the running controller (a reload; module docstring)."""
+        self.controller.params = hot_prefix_params(self.controller.params.step, overrides)
+
+    def can_copy(self, source: str, target: str, tokens: int) -> bool:
+        """The controller's `can_copy`: whether the backends' `kv_transfer` can copy this prefix."""
+        return self._copy_kind(source, target, tokens) is not None
+
+    def _copy_kind(self, source: str | None, target: str, tokens: int) -> str | None:
+        src = self.replicas.get(source) if source is not None else None
+        dst = self.replicas.get(target)
+        return copy_kind(src.config if src else None, dst.config if dst else None, tokens)
+
     def launch(self, plan: MigrationPlan) -> None:
         """Run a plan the controller has started (from `tick` or `plan_manual`) in the background."""
+        executor = self.executor(plan)  # now, while the backends are those the plan was made for
         self.metrics.migrations.labels("started").inc()
-        task = asyncio.create_task(self._run(plan))
+        task = asyncio.create_task(self._run(plan, executor))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -91,25 +135,22 @@ class MigrationRunner:
         """The executor for `plan` (module docstring): its backends' copy mechanism, else a warm-up."""
         assert self.session is not None, "the cleanup context opens the session before any tick"
         config = self.replicas.config
-        target = self.replicas.get(plan.target)
-        source = self.replicas.get(plan.source) if plan.source is not None else None
-        kind = target.config.kv_transfer if target is not None else None
-        if plan.mechanism == "copy" and source is not None and source.config.kv_transfer == kind:
-            backends = [r.config for r in self.replicas.all()]
-            if kind == "p2p":
-                return P2PExecutor(self.session)
-            # LMCache moves whole 256-token chunks only: a shorter prefix is recomputed instead.
-            if kind == "lmcache" and plan.prefix_tokens >= LMCACHE_CHUNK_TOKENS:
-                ids = {b.name: b.lmcache_instance_id for b in backends if b.lmcache_instance_id}
-                return LMCacheExecutor(self.session, config.lmcache_controller_url, ids)
-            if kind == "nixl":
-                peers = {b.name: (b.nixl_host, b.nixl_port) for b in backends if b.nixl_host and b.nixl_port}
-                return NixlExecutor(self.session, peers, config.block_size)
+        kind = None
+        if plan.mechanism == "copy":
+            kind = self._copy_kind(plan.source, plan.target, plan.prefix_tokens)
+        backends = [r.config for r in self.replicas.all()]
+        if kind == "p2p":
+            return P2PExecutor(self.session)
+        if kind == "lmcache":
+            ids = {b.name: b.lmcache_instance_id for b in backends if b.lmcache_instance_id}
+            return LMCacheExecutor(self.session, config.lmcache_controller_url, ids)
+        if kind == "nixl":
+            peers = {b.name: (b.nixl_host, b.nixl_port) for b in backends if b.nixl_host and b.nixl_port}
+            return NixlExecutor(self.session, peers, config.block_size)
         return WarmupExecutor(self.session, config.block_size)
 
-    async def _run(self, plan: MigrationPlan) -> None:
+    async def _run(self, plan: MigrationPlan, executor: Executor) -> None:
         started = self.clock()
-        executor = self.executor(plan)
         urls = {r.name: r.url for r in self.replicas.all()}
         held: int | None = None
         try:
@@ -140,7 +181,8 @@ class MigrationRunner:
                 await task
 
     def view(self) -> dict[str, Any]:
-        """/admin/hot: the hottest groups and the migrations in flight (group keys as strings)."""
+        """/admin/hot: the hottest groups, the migrations in flight (group keys as strings), and the
+        controller's parameters in force (the `hot_prefix` keys)."""
         c = self.controller
         groups = []
         for g in c.groups(self.fleet, self.clock()):
@@ -154,6 +196,7 @@ class MigrationRunner:
             "completed": c.completed_count,
             "failed": c.failed_count,
             "bytes_moved": c.bytes_moved,
+            "params": {name: getattr(c.params, name) for name in TUNABLE_PARAMS},
         }
 
 
@@ -173,11 +216,15 @@ def plan_json(plan: MigrationPlan) -> dict[str, Any]:
 
 
 def make_runner(
-    fleet: Fleet, replicas: ReplicaSet, metrics: RouterMetrics, clock: Callable[[], float]
+    fleet: Fleet,
+    replicas: ReplicaSet,
+    metrics: RouterMetrics,
+    clock: Callable[[], float],
+    overrides: Mapping[str, object] | None = None,
 ) -> MigrationRunner | None:
-    """A runner for the fleet's current policy, or None unless it is kvaware with migration on."""
-    params = getattr(fleet.policy, "params", None)
-    if not isinstance(params, KvAwareParams) or not params.migration:
+    """A runner for the fleet's current policy, or None unless it is kvaware with migration on;
+    `overrides`: the config's `hot_prefix`."""
+    policy = getattr(fleet.policy, "params", None)
+    if not isinstance(policy, KvAwareParams) or not policy.migration:
         return None
-    controller = HotPrefixController(HotPrefixParams(group_chunks=params.group_chunks, step=params))
-    return MigrationRunner(controller, fleet, replicas, metrics, clock)
+    return MigrationRunner(hot_prefix_params(policy, overrides or {}), fleet, replicas, metrics, clock)

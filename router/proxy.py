@@ -92,7 +92,7 @@ def build_state(config: RouterConfig) -> RouterState:
     for backend in config.backends:
         replicas.add(backend)
     state = RouterState(config, fleet, replicas, metrics, config.policy_name)
-    state.migration = make_runner(fleet, replicas, metrics, state.clock)
+    state.migration = make_runner(fleet, replicas, metrics, state.clock, config.hot_prefix)
     state.tokenizer = _make_tokenizer(state, config)
     return state
 
@@ -125,13 +125,15 @@ def apply_config(state: RouterState, new: RouterConfig) -> ReloadDiff:
         state.fleet.attach(new.make_policy())
         state.policy_name = new.policy_name
         old_runner = state.migration
-        state.migration = make_runner(state.fleet, state.replicas, state.metrics, state.clock)
+        state.migration = make_runner(state.fleet, state.replicas, state.metrics, state.clock, new.hot_prefix)
         if state.migration is not None:
             state.migration.session = state.session
         if old_runner is not None:  # its migrations report to a controller nobody reads any more
             task = asyncio.create_task(old_runner.stop())
             state.probes.add(task)
             task.add_done_callback(state.probes.discard)
+    elif state.migration is not None and new.hot_prefix != old.hot_prefix:
+        state.migration.retune(new.hot_prefix)  # in place: the groups' state and migrations are kept
     state.config = state.replicas.config = new
     diff = state.replicas.apply(new.backends, old.backends)
     if state.upstream is not None:

@@ -52,6 +52,26 @@ config file (YAML; every key optional, flags given on the command line win):
   breaker_max_cooldown_s: 60
   shutdown_timeout_s: 30
   migration_interval_s: 0.5        # hot-prefix controller tick (kvaware with migration=true only)
+  hot_prefix:                      # the hot-prefix controller (router/hot_prefix.py); defaults shown;
+                                   # SIGHUP applies changes to the running controller from its next tick
+    half_life_s: 5.0               # half-life of each prefix group's decayed request rate
+    hot_wait_s: 0.03               # a group turns hot when its least-loaded holder's wait reaches this
+    cool_wait_s: 0.015             # ... and cool again only below this (< hot_wait_s: hysteresis)
+    headroom_wait_s: 0.015         # a target's wait must be at most this
+    min_rate_rps: 1.0              # a group needs this many requests/s to turn hot
+    cooldown_s: 2.0                # between two migrations of one group (0: none)
+    max_concurrent: 2              # migrations in flight fleet-wide (0: none at all)
+    max_holders: 8                 # no migration once a group has this many holders
+    shrink_after_s: 10.0           # a cool group forgets one added holder per this many seconds
+    shrink_margin: 1.5             # ... while it keeps more than its demand x this
+    kv_bytes_per_token: 131072     # the model's KV size (Llama-3.1-8B), for copy-or-recompute
+    copy_bytes_per_s: 2.5e+10      # the copy link, bytes/s (null: never copy, warm up only)
+    copy_overhead_s: 0.005         # fixed cost of one copy
+    warmup: true                   # recompute the prefix on the target when a copy cannot pay
+    migration_timeout_s: 30.0      # a migration not confirmed by then counts as failed
+    max_groups: 1024               # prefix groups tracked (the coldest are dropped)
+    forget_rps: 0.01               # a group below this rate, with nothing in flight, is dropped
+    typical_tokens: 512.0          # prefill tokens priced for each engine-waiting request not ours
   replica_header: true
   chunk_chars: 64
   block_size: 16                   # the replicas' --block-size (token ids are hashed in such blocks)

@@ -300,8 +300,8 @@ def make_runner(
     *backends: BackendConfig, now: list[float], params: HotPrefixParams | None = None, **config: Any
 ) -> tuple[MigrationRunner, RouterState]:
     state = build_state(RouterConfig(backends=backends, policy="kvaware", **config))
-    controller = HotPrefixController(params or HotPrefixParams(half_life_s=1.0, cooldown_s=1.0))
-    runner = MigrationRunner(controller, state.fleet, state.replicas, state.metrics, lambda: now[0])
+    params = params or HotPrefixParams(half_life_s=1.0, cooldown_s=1.0)
+    runner = MigrationRunner(params, state.fleet, state.replicas, state.metrics, lambda: now[0])
     return runner, state
 
 

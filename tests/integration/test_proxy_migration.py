@@ -1,20 +1,26 @@
 """The proxy drives the hot-prefix controller (router/migration.py): a migration started through
-/admin/migrations copies the prefix to the target replica of a real emulator, and is counted; the
-detector fires on its own under load and warms a peer (with failures and timeouts counted, bounded and
-survived); LMCache backends copy through the controller (a FAKE, fake_lmcache.py: it needs GPUs)."""
+/admin/migrations copies the prefix to the target replica of a real emulator, and is counted; between
+backends that cannot copy it is a warm-up, and says so; the detector fires on its own under load and
+warms a peer (with failures and timeouts counted, bounded and survived, after the config file's
+`hot_prefix` cooldown_s and migration_timeout_s); a reload retunes the running controller; LMCache
+backends copy through the controller (a FAKE, fake_lmcache.py: it needs GPUs)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import yaml
 from fake_lmcache import CPU, FakeLMCacheController
 from fake_upstream import TEST_DEFAULTS, FakeFactory, RouterFactory, eventually, metric, scrape
 
-from router.config import BackendConfig, RouterConfig
+from router.config import BackendConfig, ConfigError, RouterConfig, build_config
+from router.hot_prefix import HotPrefixParams
 from router.server import RouterServer
 from workers.emulator import EmulatedFleet
 from workers.emulator.replica import DEFAULT_MODEL
@@ -146,19 +152,28 @@ async def hot_load(http: aiohttp.ClientSession, url: str, stop: asyncio.Event, o
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
 
 
-async def start_hot(emu: EmulatedFleet, **params: float) -> RouterServer:
-    """A kvaware router over `emu` (warm-up backends) ticking every 50 ms, with controller `params`."""
-    backends = tuple(BackendConfig(name=f"r{i}", url=url) for i, url in enumerate(emu.urls))
-    config = RouterConfig(
-        backends=backends, policy="kvaware", admin_token=TOKEN, migration_interval_s=0.05, **TEST_DEFAULTS
-    )
-    router = await RouterServer(config).start()
-    runner = router.state.migration
-    assert runner is not None
-    # No config key sets the controller's timings (their defaults suit production: 2 s cooldown, 30 s
-    # timeout); a test shortens them on the controller itself.
-    runner.controller.params = replace(runner.controller.params, **params)
-    return router
+def write_hot_config(path: Path, emu: EmulatedFleet, **hot_prefix: float) -> Path:
+    """A config file for a kvaware router over `emu` (warm-up backends) ticking every 50 ms, with the
+    controller parameters `hot_prefix` (its defaults suit production: 2 s cooldown, 30 s timeout)."""
+    config = {
+        "policy": "kvaware",
+        "migration_interval_s": 0.05,
+        "backends": [{"name": f"r{i}", "url": url} for i, url in enumerate(emu.urls)],
+        "hot_prefix": hot_prefix,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def start_hot(emu: EmulatedFleet, tmp_path: Path, **hot_prefix: float) -> RouterServer:
+    """A router from `write_hot_config`'s file, built as `kvrouter serve --config` does (reloads re-read
+    the file)."""
+    path = write_hot_config(tmp_path / "router.yaml", emu, **hot_prefix)
+
+    def source() -> RouterConfig:
+        return build_config(config_path=path, overrides={**TEST_DEFAULTS, "admin_token": TOKEN})
+
+    return await RouterServer(source(), config_source=source).start()
 
 
 async def first_holder(http: aiohttp.ClientSession, router: RouterServer) -> str:
@@ -185,9 +200,11 @@ async def hot_view(http: aiohttp.ClientSession, router: RouterServer) -> dict[st
         return data
 
 
-async def test_detector_warms_a_peer_and_the_group_spreads(http: aiohttp.ClientSession) -> None:
+async def test_detector_warms_a_peer_and_the_group_spreads(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     async with EmulatedFleet(2, "tiny", num_gpu_blocks=1024) as emu:
-        router = await start_hot(emu)
+        router = await start_hot(emu, tmp_path)
         try:
             holder = await first_holder(http, router)
             peer = "r1" if holder == "r0" else "r0"
@@ -199,6 +216,11 @@ async def test_detector_warms_a_peer_and_the_group_spreads(http: aiohttp.ClientS
             hot = await hot_view(http, router)
             group = next(g for g in hot["groups"] if g["prefix_tokens"] == len(HOT_PREFIX))
             assert sorted(group["holders"]) == ["r0", "r1"] and group["added_holders"] == [peer]
+            # Warm-up backends: the detector planned what ran, a warm-up, and no bytes were copied.
+            runner = router.state.migration
+            assert runner is not None
+            assert [plan.mechanism for plan, _, _ in runner.controller.history] == ["warmup"]
+            assert metric(text, "router_migration_bytes_total") == 0
             await asyncio.sleep(0.6)  # the group's requests after the warm-up
             stop.set()
             await asyncio.wait_for(load, 10)
@@ -214,9 +236,11 @@ async def test_detector_warms_a_peer_and_the_group_spreads(http: aiohttp.ClientS
         assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == len(HOT_PREFIX)
 
 
-async def test_failed_warmups_wait_out_the_cooldown_and_the_loop_goes_on(http: aiohttp.ClientSession) -> None:
+async def test_failed_warmups_wait_out_the_configured_cooldown_and_the_loop_goes_on(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     async with EmulatedFleet(2, "tiny", num_gpu_blocks=1024) as emu:
-        router = await start_hot(emu, cooldown_s=0.4)
+        router = await start_hot(emu, tmp_path, cooldown_s=0.4)  # the file's hot_prefix: {cooldown_s: 0.4}
         try:
             holder = await first_holder(http, router)
             peer = "r1" if holder == "r0" else "r0"
@@ -239,7 +263,12 @@ async def test_failed_warmups_wait_out_the_cooldown_and_the_loop_goes_on(http: a
         finally:
             await router.stop()
         assert outcomes[:2] == ["failed", "failed"] and outcomes[-1] == "completed"
-        assert all(b - a >= 0.4 for a, b in itertools.pairwise(starts))  # one plan per cooldown_s
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert all(gap >= 0.4 for gap in gaps)  # one plan per cooldown_s
+        # ... and that cooldown is the configured one: the default (2 s) would space the plans by 2 s.
+        # The retry comes at the first 50 ms tick after 0.4 s; 1.5 s leaves room for a slow machine.
+        assert gaps[0] < 1.5, gaps
+        assert hot["params"]["cooldown_s"] == 0.4
         started = metric(text, "router_migrations_total", outcome="started")
         failed = metric(text, "router_migrations_total", outcome="failed")
         assert started == failed + 1 and failed >= 2
@@ -247,9 +276,12 @@ async def test_failed_warmups_wait_out_the_cooldown_and_the_loop_goes_on(http: a
         assert sorted(group["holders"]) == ["r0", "r1"]
 
 
-async def test_a_hung_warmup_times_out(http: aiohttp.ClientSession) -> None:
+async def test_a_hung_warmup_times_out_after_the_configured_timeout(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     async with EmulatedFleet(2, "tiny", num_gpu_blocks=1024) as emu:
-        router = await start_hot(emu, migration_timeout_s=0.1)
+        # The file's hot_prefix: {migration_timeout_s: 0.1}; the default (30 s) would not fail it in 5 s.
+        router = await start_hot(emu, tmp_path, migration_timeout_s=0.1)
         try:
             holder = await first_holder(http, router)
             peer = "r1" if holder == "r0" else "r0"
@@ -271,6 +303,65 @@ async def test_a_hung_warmup_times_out(http: aiohttp.ClientSession) -> None:
         assert metric(text, "router_migration_duration_seconds_sum") / count < 0.3  # cut at 0.1 s
         group = next(g for g in hot["groups"] if g["prefix_tokens"] == len(HOT_PREFIX))
         assert group["holders"] == [holder] and group["added_holders"] == []
+        assert hot["params"]["migration_timeout_s"] == 0.1
+
+
+async def test_admin_shows_a_warmup_as_warmup(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Warm-up backends and a 1,024-token prefix, which the cost model alone would copy (over its
+    144-token threshold): the plan says "warmup" in the 202 answer and in /admin/hot while it runs, and
+    copies no bytes."""
+    async with EmulatedFleet(2, "tiny", num_gpu_blocks=1024) as emu:
+        router = await start_hot(emu, tmp_path)
+        try:
+            holder = await first_holder(http, router)
+            peer = "r1" if holder == "r0" else "r0"
+            # The warm-up takes 0.3 s there, long enough to see it in flight (the timeout is 30 s).
+            async with http.post(f"{emu.urls[int(peer[1:])]}/kvrouter/faults", json={"latency_s": 0.3}) as r:
+                assert r.status == 200
+            (group,) = (await hot_view(http, router))["groups"]
+            body = {"group": group["group"], "target": peer}
+            async with http.post(router.url + "/admin/migrations", json=body, headers=AUTH) as r:
+                assert r.status == 202, await r.text()
+                plan = await r.json()
+            assert (plan["mechanism"], plan["source"], plan["bytes"]) == ("warmup", None, 0)
+            assert plan["prefix_tokens"] == len(HOT_PREFIX)
+            (in_flight,) = (await hot_view(http, router))["in_flight"]
+            assert in_flight == plan
+            text = await outcome(http, router, "completed")
+            assert metric(text, "router_migration_bytes_total") == 0
+            (done,) = (await hot_view(http, router))["groups"]
+            assert sorted(done["holders"]) == ["r0", "r1"]
+        finally:
+            await router.stop()
+
+
+async def test_a_reload_retunes_the_running_controller(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    async with EmulatedFleet(2, "tiny") as emu:
+        router = await start_hot(emu, tmp_path, cooldown_s=0.4)
+        try:
+            await first_holder(http, router)
+            runner = router.state.migration
+            assert runner is not None and runner.controller.params.cooldown_s == 0.4
+            (before,) = (await hot_view(http, router))["groups"]
+            write_hot_config(tmp_path / "router.yaml", emu, cooldown_s=3.0, migration_timeout_s=7.0)
+            await router.reload()
+            hot = await hot_view(http, router)
+            assert router.state.migration is runner  # the same controller, retuned in place
+            assert (hot["params"]["cooldown_s"], hot["params"]["migration_timeout_s"]) == (3.0, 7.0)
+            assert hot["params"]["hot_wait_s"] == HotPrefixParams().hot_wait_s
+            (after,) = hot["groups"]
+            assert (after["group"], after["holders"]) == (before["group"], before["holders"])  # kept
+            # Keys dropped from the file go back to their defaults.
+            write_hot_config(tmp_path / "router.yaml", emu)
+            await router.reload()
+            assert runner.controller.params.cooldown_s == HotPrefixParams().cooldown_s
+            # A bad value refuses the reload and the running values stay.
+            write_hot_config(tmp_path / "router.yaml", emu, cooldown_s=-1.0)
+            with pytest.raises(ConfigError, match="hot_prefix: cooldown_s must be a finite number >= 0"):
+                await router.reload()
+            assert runner.controller.params.cooldown_s == HotPrefixParams().cooldown_s
+        finally:
+            await router.stop()
 
 
 # -- LMCache through the proxy (the controller is FAKE_LMCACHE: it needs GPUs) ----------------------------

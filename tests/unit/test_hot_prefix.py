@@ -5,14 +5,18 @@ No event loop: a Fleet and the controller, driven by hand with explicit times.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
+import re
 
 import pytest
 
 from router.fleet import Fleet, FleetConfig
 from router.hot_prefix import (
+    POLICY_OWNED,
+    TUNABLE_PARAMS,
     HotPrefixController,
     HotPrefixParams,
     copy_min_tokens,
@@ -105,10 +109,43 @@ def test_replica_wait_counts_queue_and_step_work() -> None:
     assert replica_wait_s(s, 0.0, p) == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("bad", [{"cool_wait_s": 0.05}, {"half_life_s": 0.0}, {"copy_bytes_per_s": 0.0}])
-def test_params_validated(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+BAD_PARAMS: list[tuple[dict[str, object], str]] = [
+    ({"cool_wait_s": 0.05}, "cool_wait_s (0.05) must be below hot_wait_s (0.05)"),
+    ({"half_life_s": 0.0}, "half_life_s must be a finite number > 0, got 0.0"),
+    ({"copy_bytes_per_s": 0.0}, "copy_bytes_per_s must be a finite number > 0 (or None"),
+    ({"cooldown_s": -1}, "cooldown_s must be a finite number >= 0, got -1"),
+    ({"cooldown_s": True}, "cooldown_s must be a finite number >= 0, got True"),  # YAML's `yes`
+    ({"cooldown_s": "2"}, "cooldown_s must be a finite number >= 0, got '2'"),
+    ({"migration_timeout_s": math.inf}, "migration_timeout_s must be a finite number > 0, got inf"),
+    ({"migration_timeout_s": math.nan}, "migration_timeout_s must be a finite number > 0, got nan"),
+    ({"max_concurrent": 1.0}, "max_concurrent must be an integer >= 0, got 1.0"),
+    ({"max_concurrent": -1}, "max_concurrent must be an integer >= 0, got -1"),
+    ({"max_holders": 0}, "max_holders must be an integer >= 1, got 0"),
+    ({"warmup": 1}, "warmup must be true or false, got 1"),
+    ({"hot_wait_s": 0}, "hot_wait_s must be a finite number > 0, got 0"),
+    ({"group_chunks": 0}, "group_chunks must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_PARAMS)
+def test_params_validated(bad: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         params(**bad)
+
+
+def test_zero_is_allowed_where_it_means_something() -> None:
+    p = params(cool_wait_s=0, cooldown_s=0, max_concurrent=0, copy_overhead_s=0, kv_bytes_per_token=0)
+    assert (p.cool_wait_s, p.cooldown_s, p.max_concurrent) == (0, 0, 0)
+    assert params(copy_bytes_per_s=None).copy_bytes_per_s is None
+
+
+def test_every_field_but_the_policys_is_tunable_and_checked() -> None:
+    names = [f.name for f in dataclasses.fields(HotPrefixParams)]
+    assert set(POLICY_OWNED) == {"group_chunks", "step"}
+    assert list(TUNABLE_PARAMS) == [n for n in names if n not in POLICY_OWNED]
+    assert {"cooldown_s", "migration_timeout_s", "hot_wait_s", "cool_wait_s", "max_concurrent"} <= set(
+        TUNABLE_PARAMS
+    )
 
 
 def test_rates_decay_and_prefix_is_the_common_prefix() -> None:
@@ -265,3 +302,76 @@ def test_manual_plan_and_timeout() -> None:
     c.tick(3.0, f)
     assert c.in_flight == [] and c.failed_count == 1
     assert not c.completed(plan.plan_id, f, 3.0)
+
+
+# -- the driver's copy capability and retuning ------------------------------------------------------
+
+
+def two_holders(c: HotPrefixController) -> Fleet:
+    """The group held by "a" (the lighter-loaded, wait 0.1 s) and "b" (0.2 s); "c" idle."""
+    f = fleet("a", "b", "c")
+    route_group(f, c, "a", 0.0)
+    route_group(f, c, "b", 0.0)
+    load(f, "a", 100, 0.0)
+    load(f, "b", 200, 0.0)
+    return f
+
+
+def test_a_copy_needs_a_holder_the_target_can_copy_from() -> None:
+    asked: list[tuple[str, str, int]] = []
+
+    def only_from_b(source: str, target: str, tokens: int) -> bool:
+        asked.append((source, target, tokens))
+        return source == "b"
+
+    c = HotPrefixController(params(), can_copy=only_from_b)
+    (plan,) = c.tick(0.0, two_holders(c))
+    # "a" has the lower wait but cannot copy to "c": the copy comes from "b".
+    assert (plan.mechanism, plan.source, plan.target) == ("copy", "b", "c")
+    assert asked == [("a", "c", 256), ("b", "c", 256)]
+
+    c = HotPrefixController(params(), can_copy=lambda source, target, tokens: False)
+    f = two_holders(c)
+    (plan,) = c.tick(0.0, f)
+    # No pair can copy: a warm-up, priced and sized as one (no bytes move).
+    assert (plan.mechanism, plan.source, plan.bytes) == ("warmup", None, 0)
+    assert plan.estimated_s == pytest.approx(256 / RATE)
+    assert c.completed(plan.plan_id, f, 0.0, 256) and c.bytes_moved == 0
+
+    c = HotPrefixController(params(warmup=False), can_copy=lambda source, target, tokens: False)
+    f = two_holders(c)
+    assert c.tick(0.0, f) == []
+    with pytest.raises(ValueError, match="no mechanism can move this prefix"):
+        c.plan_manual(c.groups(f, 0.0)[0].group, "c", f, 0.0)
+
+
+def test_manual_plan_asks_can_copy_too() -> None:
+    c = HotPrefixController(params(), can_copy=lambda source, target, tokens: False)
+    f = fleet("a", "b")
+    route_group(f, c, "a", 0.0, n=1)
+    plan = c.plan_manual(c.groups(f, 0.0)[0].group, "b", f, 0.0)
+    assert (plan.reason, plan.mechanism, plan.source) == ("manual", "warmup", None)
+
+
+def test_params_replaced_between_calls_rule_from_then_on() -> None:
+    c = HotPrefixController(params(max_groups=10, cooldown_s=10.0))
+    f = fleet("a", "b", "c")
+    for seed in range(5):
+        prefix = chars(100 + seed, 1024)
+        r = group_req(prefix)
+        c.observe_routed(r, Decision("a", 0, "x"), 0.0)
+    assert len(c.groups(f, 0.0, top=100)) == 5
+    c.params = dataclasses.replace(c.params, max_groups=2)
+    c.observe_routed(group_req(chars(200, 1024)), Decision("a", 0, "x"), 0.0)
+    assert len(c.groups(f, 0.0, top=100)) == 2  # lowered: the coldest go until it holds
+
+    c = HotPrefixController(params(cooldown_s=10.0))
+    f = fleet("a", "b", "c")
+    route_group(f, c, "a", 0.0, n=6)
+    load(f, "a", 100, 0.0)
+    (p1,) = c.tick(0.0, f)
+    c.failed(p1.plan_id, 0.0)
+    assert c.tick(1.0, f) == []  # within the 10 s cooldown
+    c.params = dataclasses.replace(c.params, cooldown_s=0.5)
+    (p2,) = c.tick(1.0, f)  # the retuned cooldown rules at once
+    assert p2.group == p1.group

@@ -1,15 +1,19 @@
-"""The configuration of hot-prefix migration (router/config.py): `migration_interval_s`, each backend's
-`kv_transfer` and the keys its mechanisms need (`lmcache_instance_id`, `nixl_host`, `nixl_port`), and the
-router's `lmcache_controller_url`. Every bad value is a ConfigError that names the key."""
+"""The configuration of hot-prefix migration (router/config.py): `migration_interval_s`, the controller's
+`hot_prefix` parameters (and their --help example), each backend's `kv_transfer` and the keys its
+mechanisms need (`lmcache_instance_id`, `nixl_host`, `nixl_port`), which pairs of backends can copy
+(router/migration.py `copy_kind`), and the router's `lmcache_controller_url`. Every bad value is a
+ConfigError that names the key."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from router.config import (
     KV_TRANSFERS,
@@ -18,7 +22,12 @@ from router.config import (
     RouterConfig,
     backend_from_mapping,
     build_config,
+    check_hot_prefix,
 )
+from router.hot_prefix import TUNABLE_PARAMS, HotPrefixParams
+from router.migration import copy_kind, hot_prefix_params
+from router.policies.kvaware import KvAwareParams
+from router.serve_cli import EPILOG
 
 URL = "http://10.0.0.1:8000"
 CONTROLLER = "http://10.0.0.9:9000"
@@ -54,6 +63,149 @@ def test_migration_interval_from_the_file(tmp_path: Path) -> None:
     path.write_text("migration_interval_s: yes\n")  # YAML's true: not a number of seconds
     with pytest.raises(ConfigError, match="migration_interval_s"):
         build_config(config_path=path, environ={})
+
+
+# -- hot_prefix -----------------------------------------------------------------------------------------
+
+
+def test_hot_prefix_default_is_every_controller_default() -> None:
+    assert RouterConfig().hot_prefix == {}
+    assert check_hot_prefix({}) == HotPrefixParams()
+    cfg = RouterConfig(hot_prefix={"cooldown_s": 0.5, "migration_timeout_s": 3, "max_concurrent": 0})
+    p = check_hot_prefix(cfg.hot_prefix)
+    assert (p.cooldown_s, p.migration_timeout_s, p.max_concurrent) == (0.5, 3, 0)
+    assert p.hot_wait_s == HotPrefixParams().hot_wait_s  # the others keep their defaults
+
+
+def test_hot_prefix_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "hot_prefix:\n"
+        "  cooldown_s: 0.4\n"
+        "  migration_timeout_s: 5\n"
+        "  hot_wait_s: 0.05\n"
+        "  cool_wait_s: 0.02\n"
+        "  copy_bytes_per_s: null\n"
+        "  warmup: true\n"
+    )
+    cfg = build_config(config_path=path, environ={})
+    assert cfg.hot_prefix == {
+        "cooldown_s": 0.4,
+        "migration_timeout_s": 5,
+        "hot_wait_s": 0.05,
+        "cool_wait_s": 0.02,
+        "copy_bytes_per_s": None,
+        "warmup": True,
+    }
+    path.write_text("hot_prefix:\n  # cooldown_s: 1\n")  # a section with every key commented out
+    assert build_config(config_path=path, environ={}).hot_prefix == {}
+
+
+def test_hot_prefix_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("hot_prefix: {cooldown: 1, timeout_s: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(config_path=path, environ={})
+    message = str(err.value)
+    assert message.startswith("hot_prefix: unknown key(s) cooldown, timeout_s; known: half_life_s, ")
+    for key in TUNABLE_PARAMS:
+        assert key in message
+    # The two fields the kvaware policy owns are not hot_prefix keys; group_chunks says where it goes.
+    with pytest.raises(ConfigError, match=re.escape("group_chunks is the kvaware policy's")):
+        RouterConfig(hot_prefix={"group_chunks": 8})
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) step; known"):
+        RouterConfig(hot_prefix={"step": {}})
+
+
+BAD_HOT_PREFIX: list[tuple[Any, str]] = [
+    ([1, 2], "hot_prefix must be a mapping of hot-prefix controller parameters (half_life_s, "),
+    ("cooldown_s=1", "hot_prefix must be a mapping"),
+    ({"cooldown_s": -1}, "hot_prefix: cooldown_s must be a finite number >= 0, got -1"),
+    ({"cooldown_s": True}, "hot_prefix: cooldown_s must be a finite number >= 0, got True"),
+    ({"migration_timeout_s": 0}, "hot_prefix: migration_timeout_s must be a finite number > 0, got 0"),
+    ({"migration_timeout_s": "30"}, "hot_prefix: migration_timeout_s must be a finite number > 0, got '30'"),
+    ({"max_concurrent": 2.5}, "hot_prefix: max_concurrent must be an integer >= 0, got 2.5"),
+    ({"max_groups": 0}, "hot_prefix: max_groups must be an integer >= 1, got 0"),
+    ({"warmup": "no"}, "hot_prefix: warmup must be true or false, got 'no'"),
+    ({"copy_bytes_per_s": 0}, "hot_prefix: copy_bytes_per_s must be a finite number > 0 (or None"),
+    # hysteresis: alone, a hot_wait_s under the default cool_wait_s (0.015) is refused too
+    ({"hot_wait_s": 0.01}, "hot_prefix: cool_wait_s (0.015) must be below hot_wait_s (0.01)"),
+    ({"cool_wait_s": 0.03, "hot_wait_s": 0.03}, "cool_wait_s (0.03) must be below hot_wait_s (0.03)"),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), BAD_HOT_PREFIX)
+def test_bad_hot_prefix_values(raw: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RouterConfig(hot_prefix=raw)
+
+
+def test_a_number_yaml_kept_as_text_gets_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("hot_prefix: {copy_bytes_per_s: 25e9}\n")  # PyYAML: the string '25e9'
+    with pytest.raises(ConfigError, match=re.escape("got '25e9' (YAML reads 25e9 or 1e-3 as a string")):
+        build_config(config_path=path, environ={})
+    path.write_text("hot_prefix: {copy_bytes_per_s: 2.5e+10}\n")
+    assert build_config(config_path=path, environ={}).hot_prefix == {"copy_bytes_per_s": 25e9}
+
+
+def test_serve_help_shows_every_hot_prefix_key_at_its_default() -> None:
+    """The `hot_prefix:` block of `kvrouter serve --help` is YAML that gives the defaults, all of them."""
+    lines = EPILOG.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("  hot_prefix:")))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("    ") and line.strip() and not line.lstrip().startswith("#"):
+            break
+        block.append(line)
+    shown = yaml.safe_load("\n".join(block))["hot_prefix"]
+    defaults = HotPrefixParams()
+    assert list(shown) == list(TUNABLE_PARAMS)
+    assert shown == {name: getattr(defaults, name) for name in TUNABLE_PARAMS}
+    assert check_hot_prefix(shown) == defaults
+
+
+def test_operations_doc_shows_every_hot_prefix_key_at_its_default() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    block = doc.split("```yaml\nhot_prefix:\n", 1)[1].split("```", 1)[0]
+    shown = yaml.safe_load("hot_prefix:\n" + block)["hot_prefix"]
+    defaults = HotPrefixParams()
+    assert shown == {name: getattr(defaults, name) for name in TUNABLE_PARAMS}
+
+
+def test_the_runner_params_take_the_policys_group_and_step_model() -> None:
+    policy = KvAwareParams(group_chunks=6, step_base_tokens=99.0)
+    p = hot_prefix_params(policy, {"cooldown_s": 0.25})
+    assert (p.group_chunks, p.step, p.cooldown_s) == (6, policy, 0.25)
+    assert dataclasses.replace(p, cooldown_s=HotPrefixParams().cooldown_s) == hot_prefix_params(policy, {})
+
+
+# -- which backends can copy to which ------------------------------------------------------------------
+
+COPY_PAIRS: list[tuple[str | None, str | None, int, str | None]] = [
+    ("p2p", "p2p", 16, "p2p"),
+    ("nixl", "nixl", 16, "nixl"),
+    ("lmcache", "lmcache", 256, "lmcache"),
+    ("lmcache", "lmcache", 255, None),  # under one LMCache chunk nothing would move
+    ("p2p", "nixl", 1000, None),  # different mechanisms cannot copy between them
+    ("nixl", "p2p", 1000, None),
+    ("warmup", "warmup", 1000, None),  # recompute-only backends
+    (None, None, 1000, None),
+    ("p2p", None, 1000, None),
+]
+
+
+@pytest.mark.parametrize(("source", "target", "tokens", "kind"), COPY_PAIRS)
+def test_copy_kind(source: str | None, target: str | None, tokens: int, kind: str | None) -> None:
+    def backend(name: str, transfer: str | None) -> BackendConfig:
+        if transfer == "lmcache":
+            return lm(name)
+        if transfer == "nixl":
+            return nixl(name, port=5710 if name == "s" else 5711)
+        return BackendConfig(name, URL, kv_transfer=transfer)
+
+    assert copy_kind(backend("s", source), backend("t", target), tokens) == kind
+    assert copy_kind(None, backend("t", target), tokens) is None  # no source: a warm-up
 
 
 # -- kv_transfer and its keys --------------------------------------------------------------------------
