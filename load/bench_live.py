@@ -225,8 +225,8 @@ async def run_row(
         KvEventSources,
         cpu_seconds,
         exit_problem,
+        kv_aware_notes,
         kvrouter_target,
-        log_lines,
         peer_target,
         start_target,
         stop,
@@ -284,11 +284,7 @@ async def run_row(
             run.deltas = [a.since(b) for a, b in zip(after, before, strict=True)]
             target.failure = exit_problem(target)
             if row.spec == "vllm-router:kv_aware":
-                # The one way to tell that kv_aware saw the replicas' caches: it logs every batch of
-                # KV events it cannot decode (at warning level, the level it runs at here).
-                bad = log_lines(target.log, "kv_index decode batch")
-                if bad:
-                    run.notes.append(f"{len(bad)} KV event batches not decoded, e.g. {bad[0][-160:]}")
+                run.notes += kv_aware_notes(target)
             return run
         finally:
             await asyncio.to_thread(stop, target.proc)

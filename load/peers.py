@@ -1,6 +1,7 @@
 """Routers started as processes in front of a fleet, for the benchmarks that compare them side by side.
 
-Shared by `kvrouter bench proxy` (proxy overhead) and `kvrouter bench live` (routing quality):
+Shared by `kvrouter bench proxy` (proxy overhead), `kvrouter bench live` (routing quality on an emulated
+fleet) and `kvrouter bench vllm` (physical hit rate on real vLLM replicas):
     kvrouter      `kvrouter serve --policy SPEC` (this venv's Python, `python -m router.cli`)
     smg           the SGLang model gateway, `smg launch --policy cache_aware`
     vllm-router   vLLM's router, `vllm-router --policy cache_aware|kv_aware`
@@ -13,11 +14,15 @@ project's venv). Flags, as checked against both binaries' `--help` (anchors.md, 
 - vllm-router's kv_aware subscribes to each replica's ZMQ KV events:
   `--kv-event-source WORKER_URL=ENDPOINT` (and `--kv-event-replay-source`) once per replica, with
   `--kv-event-model` and `--kv-event-block-size`. It scores only requests that carry token ids; on
-  text prompts it balances by load.
+  text prompts it balances by load. It saw no events from a publisher with a named topic (anchors.md):
+  a fleet it follows publishes on the empty topic.
 
 Rules:
 - A `Target` that cannot run keeps its row, with the reason in `failure`: not installed, exited at
   start (a flag it lacks, a port it could not bind), refused the readiness request, or never answered.
+  `kvrouter bench vllm` makes the readiness request the kind the row sends (`path`: a chat request
+  to /v1/chat/completions, a token-id prompt to /v1/completions), so that a peer which refuses that
+  kind of request says why in its row.
 - `start_target` and `stop` block (subprocess waits, urllib): a caller whose fleet runs on its own
   event loop calls them through `asyncio.to_thread`, so the fleet keeps answering meanwhile.
 - Whoever starts a target stops it (`stop`), on every path out, Ctrl-C included.
@@ -41,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 READY_TIMEOUT_S = 60.0
+COMPLETIONS = "/v1/completions"
 PEER_ROUTERS = ("smg", "vllm-router")
 # The peer rows `kvrouter bench live --peers` adds: the routers users would pick instead.
 PEER_SPECS = ("smg:cache_aware", "vllm-router:cache_aware", "vllm-router:kv_aware")
@@ -60,6 +66,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     failure: str | None = None  # why it has no figures (the row says so)
+    metrics_url: str = ""  # a peer's own Prometheus page (its --prometheus-port), for diagnosis only
     mode_failures: dict[str, str] = field(default_factory=dict)
     samples: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
@@ -141,6 +148,7 @@ def peer_target(
     binary = bin_dir / router
     launch = ["launch"] if router == "smg" else []
     target = Target(name, " ".join([router, *launch, "--policy", policy]), url=f"http://127.0.0.1:{port}")
+    target.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     command = [str(binary), *launch, "--worker-urls", *urls]
     command += ["--policy", policy, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--log-level", "warn" if router == "smg" else "warning"]
@@ -165,10 +173,8 @@ def peer_target(
     return target
 
 
-def _post(url: str, body: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(
-        url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
+def _post(url: str, body: bytes, timeout: float = 5.0, path: str = COMPLETIONS) -> tuple[int, bytes]:
+    request = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return int(resp.status), bytes(resp.read())
@@ -176,10 +182,12 @@ def _post(url: str, body: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def check_answers(url: str, body: bytes, stream: bool) -> tuple[int | None, str | None]:
-    """(HTTP status or None, None if `url` answered the request as vLLM would, else why not)."""
+def check_answers(
+    url: str, body: bytes, stream: bool, path: str = COMPLETIONS
+) -> tuple[int | None, str | None]:
+    """(HTTP status or None, None if `url` answered the request at `path` as vLLM would, else why not)."""
     try:
-        status, answer = _post(url, body)
+        status, answer = _post(url, body, path=path)
     except OSError as exc:
         return None, f"request failed: {exc}"
     text = answer.decode(errors="replace")
@@ -192,8 +200,14 @@ def check_answers(url: str, body: bytes, stream: bool) -> tuple[int | None, str 
     return status, None
 
 
-def start_target(target: Target, logs: Path, body: bytes, give_up: threading.Event | None = None) -> None:
-    """Start the target's process (if any) and wait until it answers `body` with a 200.
+def start_target(
+    target: Target,
+    logs: Path,
+    body: bytes,
+    give_up: threading.Event | None = None,
+    path: str = COMPLETIONS,
+) -> None:
+    """Start the target's process (if any) and wait until it answers `body` (sent to `path`) with a 200.
 
     Connection errors and 5xx are waited out (a router may answer 503 until it has seen a healthy
     worker); a 4xx is final: the target is up and refuses this request. On failure the process is
@@ -214,7 +228,7 @@ def start_target(target: Target, logs: Path, body: bytes, give_up: threading.Eve
         if target.proc is not None and target.proc.poll() is not None:
             target.failure = f"exited with code {target.proc.returncode}: {last_line(target.log)}"
             return
-        status, problem = check_answers(target.url, body, stream=False)
+        status, problem = check_answers(target.url, body, stream=False, path=path)
         if problem is None:
             return
         if status is not None and 400 <= status < 500:
@@ -224,6 +238,15 @@ def start_target(target: Target, logs: Path, body: bytes, give_up: threading.Eve
         problem = f"not ready within {READY_TIMEOUT_S:.0f}s: {problem}"
     target.failure = problem
     stop(target.proc)
+
+
+def kv_aware_notes(target: Target) -> list[str]:
+    """What vllm-router's kv_aware logged about the replicas' KV events that it could not use.
+
+    It logs every batch of KV events it cannot decode (at warning level, the level `peer_target` runs
+    it at); none logged means it decoded what it received."""
+    bad = log_lines(target.log, "kv_index decode batch")
+    return [f"{len(bad)} KV event batches not decoded, e.g. {bad[0][-160:]}"] if bad else []
 
 
 def exit_problem(target: Target) -> str | None:
