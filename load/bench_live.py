@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from load.peers import PEER_SPECS, Target
+from load.peers import PEER_SPECS, Target, add_peer_arguments
 from load.report import format_table, percentile, plot_results, summarize
 from load.sim_vs_live import workload_digest
 from load.workloads import WORKLOADS, make_workload, workload_spec
@@ -77,15 +77,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--policies", default=DEFAULT_POLICIES, help=f"kvrouter policy specs (default {DEFAULT_POLICIES})"
     )
-    parser.add_argument(
-        "--peers", action="store_true", help=f"also run {', '.join(PEER_SPECS)} (install: make peers)"
-    )
-    parser.add_argument(
-        "--peers-venv",
-        type=Path,
-        default=Path(".venv-peers"),
-        help="virtual environment holding the peers' binaries (default .venv-peers)",
-    )
+    add_peer_arguments(parser)
     parser.add_argument("--replicas", type=int, default=4, help="emulated replicas (default 4)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per row (20)")
     parser.add_argument(

@@ -54,6 +54,7 @@ from load.loadgen import WRK_SCRIPT, Load
 from load.peers import (
     READY_TIMEOUT_S,
     Target,
+    add_peer_arguments,
     check_answers,
     cpu_seconds,
     free_port,
@@ -82,15 +83,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
-    parser.add_argument(
-        "--peers", action="store_true", help="also measure smg and vllm-router (install: make peers)"
-    )
-    parser.add_argument(
-        "--peers-venv",
-        type=Path,
-        default=Path(".venv-peers"),
-        help="virtual environment holding the peers' binaries (default .venv-peers)",
-    )
+    add_peer_arguments(parser, "smg and vllm-router")
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds of each throughput phase (default 10)"
     )

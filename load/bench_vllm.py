@@ -56,7 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from load.peers import PEER_SPECS
+from load.peers import PEER_SPECS, add_peer_arguments
 from workers.vllm.cli import add_fleet_arguments, fleet_from_args
 
 if TYPE_CHECKING:
@@ -79,15 +79,7 @@ def register(commands: Any) -> None:
     )
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"(default {DEFAULT_POLICIES})")
     p.add_argument("--prompts", default="chat,tokens", help="chat, tokens or both (default chat,tokens)")
-    p.add_argument(
-        "--peers", action="store_true", help=f"also run {', '.join(PEER_SPECS)} (install: make peers)"
-    )
-    p.add_argument(
-        "--peers-venv",
-        type=Path,
-        default=Path(".venv-peers"),
-        help="virtual environment holding the peers' binaries (default .venv-peers)",
-    )
+    add_peer_arguments(p)
     p.add_argument("--groups", type=int, default=8, help="shared prefixes (default 8)")
     # SGLang's generated-shared-prefix sends 16 prompts per group (anchors.md); fewer groups than its 64,
     # so that a row takes under a minute on the CPU build.

@@ -81,6 +81,19 @@ class KvEventSources:
     replicas: tuple[tuple[str, str, str | None], ...]
 
 
+def add_peer_arguments(parser: Any, what: str | None = None) -> None:
+    """`--peers` and `--peers-venv`, as every bench that can run the peers takes them."""
+    parser.add_argument(
+        "--peers", action="store_true", help=f"also run {what or ', '.join(PEER_SPECS)} (install: make peers)"
+    )
+    parser.add_argument(
+        "--peers-venv",
+        type=Path,
+        default=Path(".venv-peers"),
+        help="virtual environment holding the peers' binaries (default .venv-peers)",
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
