@@ -185,7 +185,15 @@ async def drive(
                 progress(len(results), len(outgoing))
 
         tasks = [asyncio.ensure_future(send_one(r)) for r in outgoing]
-        _done, pending = await asyncio.wait(tasks, timeout=deadline_s) if tasks else (set(), set())
+        try:
+            _done, pending = await asyncio.wait(tasks, timeout=deadline_s) if tasks else (set(), set())
+        except BaseException:
+            # Cancelled (Ctrl-C, SIGTERM): the requests not yet sent must not go on being sent, one at
+            # each arrival time, after the caller has moved on to stopping the router and the fleet.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         for task in pending:
             task.cancel()
         if pending:
