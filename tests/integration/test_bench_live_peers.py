@@ -137,15 +137,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_stops_the_router_it_started(tmp_path: Path, sig: signal.Signals) -> None:
     err = tmp_path / "stderr"
     with err.open("wb") as stderr:
         # A session of its own: the signal reaches the bench alone, not its router as a terminal's
-        # Ctrl-C would, so what stops the router is the bench's own cleanup.
+        # Ctrl-C would, so what stops the router is the bench's own cleanup. SIGINT is reset to its
+        # default first: a process started in the background by a non-interactive shell (`make test &`,
+        # a CI runner) inherits SIGINT ignored, and Python then leaves it ignored, as a user's would be.
         bench = subprocess.Popen(
             [*KVROUTER, "bench", "live", *SHORT, "--duration", "60", "--json", str(tmp_path / "x.json")],
-            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, preexec_fn=_default_sigint,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
