@@ -81,7 +81,7 @@ $(VLLM_MODEL)/kvrouter-tiny-model.json: $(VLLM_STAMP) workers/vllm/tiny_model.py
 # The real-vLLM tier: tests/vllm starts 3 CPU replicas of the tiny model on loopback (2 with KV events,
 # 1 without) and kvrouter in front, and stops every process it started, also on failure; and a short
 # `kvrouter bench vllm --peers` (2 replicas of its own), so it needs the peers (make peers, 256 MB).
-# Logs in reports/vllm/. About 6 min on a fresh machine (docs/OPERATIONS.md), plus the peers' run.
+# Logs in reports/vllm/. About 7 min on a fresh machine (docs/OPERATIONS.md).
 # Bounded: a hang ends in 20 min (SIGINT first, so the fixtures stop the replicas; SIGKILL a minute later).
 test-vllm: setup vllm-model peers
 	KVROUTER_VLLM_PYTHON=$(VLLM_VENV)/bin/python KVROUTER_VLLM_MODEL=$(VLLM_MODEL) \

@@ -323,7 +323,8 @@ async def test_warmup_replication_on_real_vllm(
     async with http.post(f"{router.url}/admin/migrations", json=body, headers=auth) as r:
         assert r.status == 202, await r.text()
         plan = await r.json()
-    assert plan["source"] == holder and plan["target"] == target
+    # vLLM backends copy no KV here (no kv_transfer): a warm-up prefill, which has no source.
+    assert (plan["mechanism"], plan["source"], plan["target"]) == ("warmup", None, target)
 
     async def completed() -> bool:
         return await router_metric(http, router, "router_migrations_total", outcome="completed") >= 1
