@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import math
 import random
@@ -472,12 +471,11 @@ def run(args: argparse.Namespace) -> int:
         print("kvrouter bench vllm: error: --prompts takes chat, tokens or both", file=sys.stderr)
         return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    fleet = fleet_from_args(args, "kvrouter bench vllm")
-    if fleet is None:
-        return 2
     # The empty topic: vllm-router's kv_aware saw no events on a named one (anchors.md); kvrouter
     # subscribes to every topic, so its rows see the same fleet either way.
-    fleet.specs[:] = [dataclasses.replace(s, topic="") for s in fleet.specs]
+    fleet = fleet_from_args(args, "kvrouter bench vllm", topic="")
+    if fleet is None:
+        return 2
     rows_to_run = rows_for(kinds, policies, args.peers)
     print(f"starting {args.replicas} vLLM replica(s) (about a minute; logs in {fleet.log_dir}/)", flush=True)
     rows: list[dict[str, Any]] = []

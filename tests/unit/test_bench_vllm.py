@@ -230,3 +230,22 @@ def test_bench_vllm_takes_peers_and_says_what_is_missing(tmp_path: Path, capsys:
     missing = tmp_path / "no-vllm" / "python"
     assert main(["bench", "vllm", "--peers", "--python", str(missing)]) == 2
     assert f"{missing}: no vLLM environment (make vllm-env)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("topic", "published"), [(None, "kv"), ("", "")])
+def test_a_fleet_publishes_its_events_on_the_topic_it_is_given(
+    tmp_path: Path, topic: str | None, published: str
+) -> None:
+    """bench vllm's fleet publishes on the empty topic (vllm-router saw no events on a named one); a
+    fleet given none keeps the launcher's default. No process is started."""
+    from workers.vllm.launch import VLLMFleet
+
+    python, model = tmp_path / "python", tmp_path / "model"
+    python.touch()
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    extra = {} if topic is None else {"topic": topic}
+    fleet = VLLMFleet(python=python, model_dir=model, replicas=2, events=[True, False], **extra)
+    configs = [spec.kv_events_config() for spec in fleet.specs]
+    assert configs[1] is None  # a replica without events has no topic to publish on
+    assert configs[0] is not None and configs[0]["topic"] == published

@@ -189,6 +189,7 @@ class VLLMFleet:
     kv_cache_gib: int = 1
     num_gpu_blocks_override: int | None = None
     events: Sequence[bool] | None = None  # per replica; None = all publish events
+    topic: str = DEFAULT_TOPIC  # the events' ZMQ topic ("" for vllm-router, which saw none on another)
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
     specs: list[ReplicaSpec] = field(default_factory=list, init=False)
     _running: dict[str, _Running] = field(default_factory=dict, init=False)
@@ -214,6 +215,7 @@ class VLLMFleet:
                     num_gpu_blocks_override=self.num_gpu_blocks_override,
                     events_port=free_port() if events[i] else None,
                     replay_port=free_port() if events[i] else None,
+                    topic=self.topic,
                 )
             )
 
