@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
-from loopback import common_prefix, serve_loopback
+from loopback import LoopbackServer, common_prefix
 
 CHUNK = 256  # LMCache's default chunk_size (lmcache/v1/config.py)
 CPU = "LocalCPUBackend"
@@ -58,8 +58,10 @@ def _token_list(value: object, what: str) -> list[int]:
 
 
 @dataclass
-class FakeLMCacheController:
+class FakeLMCacheController(LoopbackServer):
     """See the module docstring. `held`: instance id → (location, tokens it holds)."""
+
+    shutdown_timeout = 0.2  # a hung handler (the `hang` fault) must not hold a test up
 
     held: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     check_finish: Literal["unimplemented", "polling"] = "unimplemented"
@@ -73,31 +75,17 @@ class FakeLMCacheController:
     polls: int = 0
     _pending: dict[str, tuple[str, list[int], int]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
-    _runner: web.AppRunner | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def paths(self) -> list[str]:
         return [path for path, _ in self.requests]
 
-    async def start(self) -> FakeLMCacheController:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         for path, handler in (
             ("/lookup", self._lookup),
             ("/move", self._move),
             ("/check_finish", self._finish),
         ):
             app.router.add_post(path, self._wrap(path, handler))
-        self._runner, self.port = await serve_loopback(app, shutdown_timeout=0.2)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def _wrap(self, path: str, handler: Any) -> Any:
         async def serve(request: web.Request) -> web.StreamResponse:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from loopback import common_prefix, serve_loopback
+from loopback import LoopbackServer, common_prefix
 
 
 @dataclass
-class FakeNixlTarget:
+class FakeNixlTarget(LoopbackServer):
     """See the module docstring. `sources`: (host, port) → the token ids that source's CPU tier holds."""
+
+    shutdown_timeout = 0.2  # a hung handler (the `hang` fault) must not hold a test up
 
     model: str
     sources: dict[tuple[str, int], list[int]] = field(default_factory=dict)
@@ -41,23 +43,9 @@ class FakeNixlTarget:
     requests: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     request_ids: set[str] = field(default_factory=set)
-    _runner: web.AppRunner | None = None
-    port: int = 0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> FakeNixlTarget:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self._complete)
-        self._runner, self.port = await serve_loopback(app, shutdown_timeout=0.2)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def _invalid(self, message: str) -> web.Response:
         self.errors.append(message)

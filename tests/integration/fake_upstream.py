@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from loopback import serve_loopback
+from loopback import LoopbackServer
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,7 +38,7 @@ class Recorded:
 
 
 @dataclass
-class FakeReplica:
+class FakeReplica(LoopbackServer):
     """A fake OpenAI-compatible replica for router tests (see the module docstring)."""
 
     name: str
@@ -56,31 +56,17 @@ class FakeReplica:
     aborted: int = 0
     completed: int = 0
     seen_prompts: set[str] = field(default_factory=set)
-    _runner: web.AppRunner | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def generation_requests(self) -> list[Recorded]:
         return [r for r in self.requests if r.path.startswith("/v1/") and r.path != "/v1/models"]
 
-    async def start(self) -> FakeReplica:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
-        self._runner, self.port = await serve_loopback(app, shutdown_timeout=0.5)
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         data = [
