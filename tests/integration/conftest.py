@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from fake_upstream import TEST_DEFAULTS, FakeFactory, FakeReplica, RouterFactory, backend_of
 
-from router.config import RouterConfig
+from router.config import BackendConfig, RouterConfig
 from router.server import RouterServer
 
 
@@ -35,10 +35,11 @@ async def fakes() -> AsyncIterator[FakeFactory]:
 
 @pytest.fixture
 async def routers() -> AsyncIterator[RouterFactory]:
-    """`await routers(fake_a, ("name", "http://..."), policy="round_robin", ...)`: a started RouterServer."""
+    """`await routers(fake_a, ("name", "http://..."), BackendConfig(...), policy="round_robin", ...)`: a
+    started RouterServer."""
     started: list[RouterServer] = []
 
-    async def make(*targets: FakeReplica | tuple[str, str], **overrides: Any) -> RouterServer:
+    async def make(*targets: FakeReplica | tuple[str, str] | BackendConfig, **overrides: Any) -> RouterServer:
         config = RouterConfig(
             backends=tuple(backend_of(t) for t in targets), **{**TEST_DEFAULTS, **overrides}
         )

@@ -205,7 +205,9 @@ def dead_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def backend_of(target: FakeReplica | tuple[str, str]) -> BackendConfig:
+def backend_of(target: FakeReplica | tuple[str, str] | BackendConfig) -> BackendConfig:
+    if isinstance(target, BackendConfig):
+        return target
     if isinstance(target, FakeReplica):
         return BackendConfig(target.name, target.url)
     return BackendConfig(*target)

@@ -8,6 +8,7 @@ the index holds came from events.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -16,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import zmq.asyncio
-from fake_upstream import TEST_DEFAULTS, eventually, metric, post, scrape
+from fake_upstream import TEST_DEFAULTS, RouterFactory, eventually, metric, post, scrape
 
 from router.config import BackendConfig, RouterConfig
 from router.forward import REPLICA_HEADER
@@ -51,18 +52,9 @@ async def emulated() -> AsyncIterator[EmulatedFleet]:
 
 
 @pytest.fixture
-async def start_router() -> AsyncIterator[RouterStarter]:
-    started: list[RouterServer] = []
-
-    async def start(*backends: BackendConfig, **overrides: Any) -> RouterServer:
-        config = RouterConfig(backends=backends, **{**TEST_DEFAULTS, "block_size": BLOCK, **overrides})
-        server = await RouterServer(config).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
+def start_router(routers: RouterFactory) -> RouterStarter:
+    """`routers` with the emulator's block size, so token-id prompts chunk as its KV events do."""
+    return functools.partial(routers, block_size=BLOCK)
 
 
 def backends(fleet: EmulatedFleet, **keys: Any) -> list[BackendConfig]:
