@@ -14,8 +14,9 @@ Rules:
   /admin/replicas/{name}; POST /admin/replicas/{name}/drain (optional body {"draining": false} to
   undrain); GET /admin/index.
 - Hot-prefix migration (only with kvaware and `migration` on; else 404): GET /admin/hot (the hottest
-  groups, keys as strings, the migrations in flight, and the controller's `hot_prefix` parameters in
-  force); POST /admin/migrations {"group": "KEY", "target": NAME} → 202 with the plan, which runs in
+  groups, keys as strings, the migrations in flight, the controller's `hot_prefix` parameters in
+  force, and `idle_step_s`: each replica's idle engine step in seconds, the unit of the `*_wait_steps`
+  thresholds); POST /admin/migrations {"group": "KEY", "target": NAME} → 202 with the plan, which runs in
   the background (404 for an unknown group or target, 400 for a forbidden group, a target that
   already holds it, or a spent budget); POST /admin/hot/{group}/forbid (optional body
   {"forbidden": false} to allow again). A plan's `mechanism` is the one that runs it, "copy" or

@@ -17,9 +17,10 @@ Rules:
 - `migration_interval_s` (0.5): how often the hot-prefix controller ticks; it runs only when the policy
   is kvaware with `migration` true (router/migration.py). `hot_prefix`: a mapping of the controller's
   parameters (router/hot_prefix.py `TUNABLE_PARAMS`: cooldown_s, migration_timeout_s, the hysteresis
-  thresholds, max_concurrent, ...), each optional, over `HotPrefixParams`' defaults; an unknown key is
-  an error listing the known ones, a value of the wrong type or out of range one naming the key. A
-  reload applies a changed `hot_prefix` to the running controller (router/migration.py `retune`).
+  thresholds in idle engine steps, max_concurrent, ...), each optional, over `HotPrefixParams`'
+  defaults; an unknown key is an error listing the known ones (a former name, `hot_wait_s` and the
+  like in seconds, names its replacement), a value of the wrong type or out of range one naming the
+  key. A reload applies a changed `hot_prefix` to the running controller (router/migration.py `retune`).
 - Precedence: a flag given on the command line > the file > the default. `--backend` flags add to
   the file's backends (names must stay unique).
 - The admin token comes from the file's `admin_token` or, if absent, from the environment variable
@@ -42,7 +43,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
-from router.hot_prefix import TUNABLE_PARAMS, HotPrefixParams
+from router.hot_prefix import RENAMED_PARAMS, TUNABLE_PARAMS, HotPrefixParams
 from router.policies.base import Policy
 from router.policies.registry import DEFAULT_POLICY, build_policy, parse_policy_spec
 
@@ -255,6 +256,14 @@ def check_hot_prefix(raw: object) -> HotPrefixParams:
     known = ", ".join(TUNABLE_PARAMS)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"hot_prefix must be a mapping of hot-prefix controller parameters ({known})")
+    renamed = sorted(str(k) for k in raw if k in RENAMED_PARAMS)
+    if renamed:
+        moves = ", ".join(f"{k} is now {RENAMED_PARAMS[k]}" for k in renamed)
+        raise ConfigError(
+            f"hot_prefix: {moves}: the thresholds are in idle engine steps of each replica, not seconds "
+            "(one step: the kvaware step model's step_base_tokens at the replica's prefill rate, 150 / "
+            "25,000 tokens/s = 6 ms; e.g. 0.03 s is 5 steps there; router/hot_prefix.py)"
+        )
     unknown = sorted(str(k) for k in raw if k not in TUNABLE_PARAMS)
     if unknown:
         hint = ""

@@ -19,14 +19,25 @@ Rules:
   batch counts as well as a prefill queue. (Measured on hot-prefix: the hot group's holder has a tiny
   prefill queue, 128-token questions, but a decode batch of hundreds of 4K-token contexts; a prefill-only
   signal never fires there.)
-- HOT (on) when the group's minimum holder wait is >= `hot_wait_s`, its request rate >= `min_rate_rps`,
-  and some non-holder has wait <= `headroom_wait_s`; it turns off (hysteresis) only when the minimum
-  holder wait falls below `cool_wait_s` < `hot_wait_s`.
+- The thresholds are in idle engine steps of each replica, not seconds: each replica's wait is divided by
+  its own idle step (`idle_step_s`: kvaware's fixed cost of a step, `step_base_tokens` prefill-token
+  equivalents, at the router's belief of the replica's prefill rate; 150 / 25,000 tokens/s = 6 ms), so
+  one setting fits every engine speed and a fleet of mixed engines. An idle replica waits one step (the
+  request's own). The rate cancels out: a wait in steps is (queue + steps x step work) /
+  `step_base_tokens`, the pending work in units of a step's fixed cost. (Measured: with thresholds in
+  seconds tuned on llama-8b-h100, 30 and 15 ms, the 4x slower `demo` engines never looked idle enough
+  to take a copy and migration never fired; docs/BENCHMARKS.md, issue #8.) With the step model off
+  (`step_base_tokens` 0, the prefill-only estimate) the unit is the default step's 150 tokens.
+- HOT (on) when the group's minimum holder wait is >= `hot_wait_steps`, its request rate >=
+  `min_rate_rps`, and some non-holder has wait <= `headroom_wait_steps`; it turns off (hysteresis) only
+  when the minimum holder wait falls below `cool_wait_steps` < `hot_wait_steps` (each holder's wait in
+  its own steps).
 - While hot: at most one migration in flight per group, `cooldown_s` between two plans of a group, and
   at most `max_concurrent` in flight fleet-wide; a group may be forbidden (`forbid`).
-- Target: a non-holder serving the model, available, with wait <= `headroom_wait_s` and free KV
-  (`kv_capacity_tokens - committed_kv_tokens`, when known) for the prefix; lowest wait, then most free KV,
-  then name. Source (for a copy): the holder with the lowest wait among those the target can copy from.
+- Target: a non-holder serving the model, available, with wait <= `headroom_wait_steps` and free KV
+  (`kv_capacity_tokens - committed_kv_tokens`, when known) for the prefix; lowest wait in seconds (the
+  routing's unit: where the group's next request would start soonest), then most free KV, then name.
+  Source (for a copy): the holder with the lowest wait in seconds among those the target can copy from.
 - Copy or recompute: copying `t` tokens costs `copy_overhead_s + t * kv_bytes_per_token / copy_bytes_per_s`;
   recomputing them on the target costs `t / prefill_rate(target)`. A copy is planned only when it is
   cheaper, i.e. when `t` exceeds `copy_overhead_s / (1/rate - kv_bytes_per_token/bandwidth)` (infinite
@@ -47,8 +58,10 @@ Rules:
   `migration_timeout_s` count as failed.
 - Parameters (`HotPrefixParams`) are validated on construction (ValueError naming the field). All but
   `group_chunks` and `step`, which are the kvaware policy's own, are operator settings
-  (`TUNABLE_PARAMS`: kvrouter serve's `hot_prefix:` keys, router/config.py). The driver may replace
-  `params` between calls (a reload): every rule reads them afresh, and the groups' state is kept.
+  (`TUNABLE_PARAMS`: kvrouter serve's `hot_prefix:` keys, router/config.py; the thresholds' former
+  names in seconds, `hot_wait_s` and the like, are refused naming the new key, `RENAMED_PARAMS`). The
+  driver may replace `params` between calls (a reload): every rule reads them afresh, and the groups'
+  state is kept.
 """
 
 from __future__ import annotations
@@ -78,9 +91,16 @@ class HotPrefixParams:
 
     group_chunks: int = 4  # must equal kvaware's
     half_life_s: float = 5.0
-    hot_wait_s: float = 0.03  # ~5 idle engine steps of llama-8b-h100 (6.2 ms each)
-    cool_wait_s: float = 0.015
-    headroom_wait_s: float = 0.015
+    # The thresholds, in idle engine steps of each replica (`idle_step_s`; module docstring). 5 and 2.5
+    # are the 30 and 15 ms that issue #8's simulator results were tuned with on llama-8b-h100 (its step
+    # is 6.2 ms, workers/engine/presets.py; kvaware's step model says 150 tokens / 24.6K tokens/s = 6.1
+    # ms there, so the simulator's thresholds moved to 30.4 and 15.2 ms, one copy fewer on hot-prefix,
+    # docs/BENCHMARKS.md; at the router's default 25K tokens/s a step is 6.0 ms: exactly 30 and 15 ms).
+    # An idle replica waits 1 step, so a hot holder makes a request wait about 4 idle steps' worth of
+    # extra work (queued prefill, or a decode batch that lengthens each step), and a target at most 1.5.
+    hot_wait_steps: float = 5.0
+    cool_wait_steps: float = 2.5
+    headroom_wait_steps: float = 2.5
     min_rate_rps: float = 1.0
     cooldown_s: float = 2.0
     max_concurrent: int = 2
@@ -103,24 +123,34 @@ class HotPrefixParams:
             raise ValueError(f"group_chunks must be a positive integer, got {self.group_chunks!r}")
         for name in TUNABLE_PARAMS:
             _check_param(name, getattr(self, name), *_LIMITS[name])
-        if not self.cool_wait_s < self.hot_wait_s:
+        if not self.cool_wait_steps < self.hot_wait_steps:
             raise ValueError(
-                f"cool_wait_s ({self.cool_wait_s}) must be below hot_wait_s ({self.hot_wait_s}): a hot "
-                "group turns cool only below cool_wait_s (hysteresis)"
+                f"cool_wait_steps ({self.cool_wait_steps}) must be below hot_wait_steps "
+                f"({self.hot_wait_steps}): a hot group turns cool only below cool_wait_steps (hysteresis)"
             )
 
 
 # What an operator may set: every field but the policy's (kvrouter serve's `hot_prefix:` keys).
 TUNABLE_PARAMS = tuple(f.name for f in fields(HotPrefixParams) if f.name not in POLICY_OWNED)
+# Operator keys that were renamed, old -> new (router/config.py names the new key in its error): the
+# thresholds were seconds until they became idle engine steps of each replica.
+RENAMED_PARAMS = {
+    "hot_wait_s": "hot_wait_steps",
+    "cool_wait_s": "cool_wait_steps",
+    "headroom_wait_s": "headroom_wait_steps",
+}
+# The step unit when the policy's step model is off (`step_base_tokens` 0): its default fixed cost (150
+# prefill-token equivalents, derived in router/policies/kvaware.py's module docstring).
+DEFAULT_STEP_BASE_TOKENS = KvAwareParams().step_base_tokens
 
 _Kind = Literal["number", "number or None", "integer", "bool"]
 # Each tunable field: its kind, its lower bound, and whether the bound itself is allowed. Zero is allowed
 # only where it means something; every other number must be positive.
 _LIMITS: dict[str, tuple[_Kind, float, bool]] = {
     "half_life_s": ("number", 0, False),
-    "hot_wait_s": ("number", 0, False),
-    "cool_wait_s": ("number", 0, True),  # 0: a hot group never cools again (nor shrinks)
-    "headroom_wait_s": ("number", 0, False),
+    "hot_wait_steps": ("number", 0, False),
+    "cool_wait_steps": ("number", 0, True),  # 0: a hot group never cools again (nor shrinks)
+    "headroom_wait_steps": ("number", 0, False),  # below 1 none qualifies: an idle replica waits 1 step
     "min_rate_rps": ("number", 0, False),
     "cooldown_s": ("number", 0, True),  # 0: plan again at the first tick after the last plan ended
     "max_concurrent": ("integer", 0, True),  # 0: no migrations at all, manual ones included
@@ -220,6 +250,18 @@ def replica_wait_s(s: ReplicaState, now: float, params: HotPrefixParams) -> floa
     budget = max(1, sp.step_token_budget - s.decode_requests)
     steps = max(1, math.ceil(queue / budget))
     return (queue + steps * step_tokens(s, sp)) / s.prefill_tokens_per_s
+
+
+def idle_step_s(s: ReplicaState, params: HotPrefixParams) -> float:
+    """Seconds of one idle engine step of `s`, the thresholds' unit: the step model's fixed cost
+    (`step_base_tokens`, or the default's when the model is off) at the router's belief of its rate."""
+    tokens = params.step.step_base_tokens or DEFAULT_STEP_BASE_TOKENS
+    return tokens / s.prefill_tokens_per_s
+
+
+def replica_wait_steps(s: ReplicaState, now: float, params: HotPrefixParams) -> float:
+    """`replica_wait_s` in idle engine steps of `s` (what the thresholds are compared with)."""
+    return replica_wait_s(s, now, params) / idle_step_s(s, params)
 
 
 @dataclass(slots=True)
@@ -334,7 +376,9 @@ class HotPrefixController:
         """Update hot/cool states, shrink cooled groups, and return the migrations to start now."""
         p = self.params
         self._expire(now)
+        # Waits in seconds rank targets and sources; in each replica's own steps they meet the thresholds.
         waits = {name: replica_wait_s(s, now, p) for name, s in fleet.replicas.items() if s.available}
+        steps = {name: w / idle_step_s(fleet.replicas[name], p) for name, w in waits.items()}
         total_rate = 0.0
         for key in list(self._groups):
             g = self._groups[key]
@@ -349,17 +393,17 @@ class HotPrefixController:
             holders = [h for h in fleet.index.holders(g.key) if h in waits]
             if not holders or not g.chain:
                 continue
-            low = min(waits[h] for h in holders)
+            low = min(steps[h] for h in holders)
             headroom = any(
-                w <= p.headroom_wait_s and n not in holders and fleet.replicas[n].serves(g.model)
-                for n, w in waits.items()
+                w <= p.headroom_wait_steps and n not in holders and fleet.replicas[n].serves(g.model)
+                for n, w in steps.items()
             )
-            if not g.hot and low >= p.hot_wait_s and g.request_rate >= p.min_rate_rps and headroom:
+            if not g.hot and low >= p.hot_wait_steps and g.request_rate >= p.min_rate_rps and headroom:
                 g.hot, g.cool_since = True, None
-            elif g.hot and low < p.cool_wait_s:
+            elif g.hot and low < p.cool_wait_steps:
                 g.hot, g.cool_since = False, now
             if g.hot:
-                plan = self._maybe_plan(g, holders, waits, fleet, now)
+                plan = self._maybe_plan(g, holders, waits, steps, fleet, now)
                 if plan is not None:
                     plans.append(plan)
             elif g.added and g.cool_since is not None:
@@ -367,7 +411,13 @@ class HotPrefixController:
         return plans
 
     def _maybe_plan(
-        self, g: _Group, holders: list[str], waits: dict[str, float], fleet: Fleet, now: float
+        self,
+        g: _Group,
+        holders: list[str],
+        waits: dict[str, float],
+        steps: dict[str, float],
+        fleet: Fleet,
+        now: float,
     ) -> MigrationPlan | None:
         p = self.params
         if (
@@ -378,7 +428,7 @@ class HotPrefixController:
             or any(pl.group == g.key for pl in self._in_flight.values())
         ):
             return None
-        target = self._pick_target(g, holders, waits, fleet)
+        target = self._pick_target(g, holders, waits, steps, fleet)
         if target is None:
             return None
         sources = sorted(holders, key=lambda h: (waits[h], h))
@@ -388,13 +438,13 @@ class HotPrefixController:
         return plan
 
     def _pick_target(
-        self, g: _Group, holders: list[str], waits: dict[str, float], fleet: Fleet
+        self, g: _Group, holders: list[str], waits: dict[str, float], steps: dict[str, float], fleet: Fleet
     ) -> str | None:
         p = self.params
         best: tuple[float, float, str] | None = None
         for name, w in waits.items():
             s = fleet.replicas[name]
-            if name in holders or w > p.headroom_wait_s or not s.serves(g.model):
+            if name in holders or steps[name] > p.headroom_wait_steps or not s.serves(g.model):
                 continue
             free = math.inf if s.kv_capacity_tokens is None else s.kv_capacity_tokens - s.committed_kv_tokens
             if free < g.prefix_tokens:

@@ -48,7 +48,13 @@ from router.executors import (
     P2PExecutor,
     WarmupExecutor,
 )
-from router.hot_prefix import TUNABLE_PARAMS, HotPrefixController, HotPrefixParams, MigrationPlan
+from router.hot_prefix import (
+    TUNABLE_PARAMS,
+    HotPrefixController,
+    HotPrefixParams,
+    MigrationPlan,
+    idle_step_s,
+)
 from router.policies.kvaware import KvAwareParams
 
 if TYPE_CHECKING:
@@ -181,8 +187,9 @@ class MigrationRunner:
                 await task
 
     def view(self) -> dict[str, Any]:
-        """/admin/hot: the hottest groups, the migrations in flight (group keys as strings), and the
-        controller's parameters in force (the `hot_prefix` keys)."""
+        """/admin/hot: the hottest groups, the migrations in flight (group keys as strings), the
+        controller's parameters in force (the `hot_prefix` keys), and each replica's idle engine step in
+        seconds, the unit of the `*_wait_steps` thresholds."""
         c = self.controller
         groups = []
         for g in c.groups(self.fleet, self.clock()):
@@ -197,6 +204,7 @@ class MigrationRunner:
             "failed": c.failed_count,
             "bytes_moved": c.bytes_moved,
             "params": {name: getattr(c.params, name) for name in TUNABLE_PARAMS},
+            "idle_step_s": {name: idle_step_s(s, c.params) for name, s in self.fleet.replicas.items()},
         }
 
 

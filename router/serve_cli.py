@@ -55,9 +55,10 @@ config file (YAML; every key optional, flags given on the command line win):
   hot_prefix:                      # the hot-prefix controller (router/hot_prefix.py); defaults shown;
                                    # SIGHUP applies changes to the running controller from its next tick
     half_life_s: 5.0               # half-life of each prefix group's decayed request rate
-    hot_wait_s: 0.03               # a group turns hot when its least-loaded holder's wait reaches this
-    cool_wait_s: 0.015             # ... and cool again only below this (< hot_wait_s: hysteresis)
-    headroom_wait_s: 0.015         # a target's wait must be at most this
+    hot_wait_steps: 5.0            # a group turns hot when its least-loaded holder's wait reaches this
+                                   # many idle engine steps of that replica (an idle one waits 1)
+    cool_wait_steps: 2.5           # ... and cool again only below this (< hot_wait_steps: hysteresis)
+    headroom_wait_steps: 2.5       # a target's wait must be at most this many of its idle steps
     min_rate_rps: 1.0              # a group needs this many requests/s to turn hot
     cooldown_s: 2.0                # between two migrations of one group (0: none)
     max_concurrent: 2              # migrations in flight fleet-wide (0: none at all)

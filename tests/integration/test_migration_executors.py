@@ -307,7 +307,8 @@ def make_runner(
 
 def make_hot(runner: MigrationRunner, prefix: list[int], now: float) -> int:
     """The group of `prefix` held by "a", which has 2,000 uncached prompt tokens to prefill: a wait of
-    (2000 + 150 step tokens) / 25K tokens/s = 86 ms >= hot_wait_s 30 ms, while "b" is idle (6 ms)."""
+    (2000 + 150 step tokens) / 25K tokens/s = 86 ms, 14.3 idle steps of 6 ms >= hot_wait_steps 5, while
+    "b" is idle (6 ms, 1 step <= headroom_wait_steps 2.5)."""
     fleet = runner.fleet
     for tail in ([1, 2, 3], [4, 5, 6]):
         r = make_request(f"r-{next(_ids)}", DEFAULT_MODEL, prompt=[*prefix, *tail])

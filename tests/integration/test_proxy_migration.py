@@ -132,9 +132,10 @@ async def hot_load(http: aiohttp.ClientSession, url: str, stop: asyncio.Event, o
 
     Non-streaming, so the router counts each request's uncached prompt tokens as queued prefill until it
     ends: 8 x 200 = 1,600 tokens on the holder, a wait of (1,600 + 150 step tokens) / 25K tokens/s =
-    70 ms (router/hot_prefix.py replica_wait_s) >= hot_wait_s 30 ms, while the other replica's is 6 ms
-    <= headroom_wait_s 15 ms. kvaware keeps the group on the holder meanwhile: 70 ms + 4 x 200 / 25K =
-    0.10 s there against 6 ms + 4 x 1,224 / 25K = 0.2 s to recompute the whole prompt elsewhere."""
+    70 ms (router/hot_prefix.py replica_wait_s), 11.7 idle steps of 6 ms (150 / 25K) >= hot_wait_steps
+    5, while the other replica's is 6 ms, 1 step <= headroom_wait_steps 2.5. kvaware keeps the group on
+    the holder meanwhile: 70 ms + 4 x 200 / 25K = 0.10 s there against 6 ms + 4 x 1,224 / 25K = 0.2 s to
+    recompute the whole prompt elsewhere."""
     loop = asyncio.get_running_loop()
 
     async def worker() -> None:
@@ -348,7 +349,9 @@ async def test_a_reload_retunes_the_running_controller(http: aiohttp.ClientSessi
             hot = await hot_view(http, router)
             assert router.state.migration is runner  # the same controller, retuned in place
             assert (hot["params"]["cooldown_s"], hot["params"]["migration_timeout_s"]) == (3.0, 7.0)
-            assert hot["params"]["hot_wait_s"] == HotPrefixParams().hot_wait_s
+            assert hot["params"]["hot_wait_steps"] == HotPrefixParams().hot_wait_steps
+            # Each replica's idle step, the thresholds' unit: 150 step tokens at the router's 25K tokens/s.
+            assert hot["idle_step_s"] == {"r0": pytest.approx(0.006), "r1": pytest.approx(0.006)}
             (after,) = hot["groups"]
             assert (after["group"], after["holders"]) == (before["group"], before["holders"])  # kept
             # Keys dropped from the file go back to their defaults.

@@ -1,4 +1,5 @@
-"""Hot-prefix controller: threshold math, detection, hysteresis, cooldown, budget, planning, shrink.
+"""Hot-prefix controller: threshold math, detection (in each replica's own engine steps), hysteresis,
+cooldown, budget, planning, shrink.
 
 No event loop: a Fleet and the controller, driven by hand with explicit times.
 """
@@ -13,21 +14,30 @@ import re
 
 import pytest
 
+from load.demo import demo_preset
 from router.fleet import Fleet, FleetConfig
 from router.hot_prefix import (
+    DEFAULT_STEP_BASE_TOKENS,
     POLICY_OWNED,
+    RENAMED_PARAMS,
     TUNABLE_PARAMS,
     HotPrefixController,
     HotPrefixParams,
     copy_min_tokens,
     copy_s,
+    idle_step_s,
     replica_wait_s,
+    replica_wait_steps,
 )
 from router.policies.base import Decision, RequestView, make_request
 from router.policies.kvaware import KvAware, KvAwareParams
+from workers.engine import get_preset
 
 RATE = 1000.0  # prefill tokens/s
 NO_STEP = KvAwareParams(step_base_tokens=0.0, decode_seq_tokens=0.0, context_token_cost=0.0)
+# A step of 10 tokens' fixed cost and nothing else: an idle step is 10 ms at RATE, so a replica with `t`
+# tokens queued waits (t + 10) / RATE s = t / 10 + 1 steps.
+STEP = KvAwareParams(step_base_tokens=10.0, decode_seq_tokens=0.0, context_token_cost=0.0)
 _ids = itertools.count()
 
 
@@ -42,9 +52,9 @@ PREFIX = chars(1, 1024)  # 16 chunks of 64 characters = 256 tokens
 def params(**kw: object) -> HotPrefixParams:
     base: dict[str, object] = {
         "half_life_s": 1.0,
-        "hot_wait_s": 0.05,
-        "cool_wait_s": 0.02,
-        "headroom_wait_s": 0.02,
+        "hot_wait_steps": 5.0,  # 50 ms at RATE
+        "cool_wait_steps": 2.0,
+        "headroom_wait_steps": 2.0,
         "min_rate_rps": 1.0,
         "cooldown_s": 1.0,
         "max_concurrent": 2,
@@ -52,14 +62,14 @@ def params(**kw: object) -> HotPrefixParams:
         "kv_bytes_per_token": 1000,
         "copy_bytes_per_s": 1e7,  # 1e-4 s a token: 10x faster than recomputing at 1000 tokens/s
         "copy_overhead_s": 0.01,
-        "step": NO_STEP,
+        "step": STEP,
     }
     base.update(kw)
     return HotPrefixParams(**base)  # type: ignore[arg-type]
 
 
 def fleet(*names: str) -> Fleet:
-    f = Fleet(KvAware(NO_STEP), FleetConfig(prefill_tokens_per_s=RATE))
+    f = Fleet(KvAware(STEP), FleetConfig(prefill_tokens_per_s=RATE))
     for n in names:
         f.add_replica(n, kv_capacity_tokens=100_000)
     return f
@@ -79,7 +89,7 @@ def route_group(f: Fleet, c: HotPrefixController, replica: str, now: float, n: i
 
 
 def load(f: Fleet, replica: str, tokens: int, now: float) -> str:
-    """Queue `tokens` uncached prefill tokens on `replica` (wait = tokens / RATE)."""
+    """Queue `tokens` uncached prefill tokens on `replica` (wait = tokens / 10 + 1 steps at RATE)."""
     r = make_request(f"load-{next(_ids)}", "m", prompt=chars(next(_ids), 4 * tokens), prompt_tokens=tokens)
     f.routed(r, Decision(replica, 0, "x"), now)
     return r.request_id
@@ -104,13 +114,36 @@ def test_replica_wait_counts_queue_and_step_work() -> None:
     f = fleet("a")
     load(f, "a", 500, 0.0)
     s = f.replicas["a"]
-    assert replica_wait_s(s, 0.0, params()) == pytest.approx(0.5)
+    assert replica_wait_s(s, 0.0, params(step=NO_STEP)) == pytest.approx(0.5)
     p = params(step=KvAwareParams(step_base_tokens=100.0, decode_seq_tokens=0.0, context_token_cost=0.0))
     assert replica_wait_s(s, 0.0, p) == pytest.approx(0.6)
 
 
+def test_wait_in_steps_is_the_wait_over_the_replicas_idle_step() -> None:
+    f = fleet("a", "b")
+    load(f, "a", 500, 0.0)
+    a, b = f.replicas["a"], f.replicas["b"]
+    assert idle_step_s(a, params()) == pytest.approx(0.01)  # 10 step tokens at 1,000 tokens/s
+    assert replica_wait_steps(a, 0.0, params()) == pytest.approx(51.0)  # (500 + 10) / 10
+    assert replica_wait_steps(b, 0.0, params()) == pytest.approx(1.0)  # idle: its own step
+    f.set_prefill_rate("a", 4 * RATE)  # the rate cancels: the same work is the same number of steps
+    assert idle_step_s(a, params()) == pytest.approx(0.0025)
+    assert replica_wait_steps(a, 0.0, params()) == pytest.approx(51.0)
+    # The step model off (the prefill-only estimate): the unit is the default step's 150 tokens.
+    assert DEFAULT_STEP_BASE_TOKENS == KvAwareParams().step_base_tokens == 150.0
+    assert idle_step_s(b, params(step=NO_STEP)) == pytest.approx(0.15)
+    assert replica_wait_steps(a, 0.0, params(step=NO_STEP)) == pytest.approx(500 / 150)
+    # The defaults at the router's default rate (25K tokens/s) are the former 30 and 15 ms.
+    d = HotPrefixParams()
+    s = Fleet(KvAware(d.step), FleetConfig()).add_replica("x")
+    step = idle_step_s(s, d)
+    assert step == pytest.approx(0.006)
+    assert (d.hot_wait_steps * step, d.cool_wait_steps * step) == pytest.approx((0.03, 0.015))
+    assert d.headroom_wait_steps * step == pytest.approx(0.015)
+
+
 BAD_PARAMS: list[tuple[dict[str, object], str]] = [
-    ({"cool_wait_s": 0.05}, "cool_wait_s (0.05) must be below hot_wait_s (0.05)"),
+    ({"cool_wait_steps": 5.0}, "cool_wait_steps (5.0) must be below hot_wait_steps (5.0)"),
     ({"half_life_s": 0.0}, "half_life_s must be a finite number > 0, got 0.0"),
     ({"copy_bytes_per_s": 0.0}, "copy_bytes_per_s must be a finite number > 0 (or None"),
     ({"cooldown_s": -1}, "cooldown_s must be a finite number >= 0, got -1"),
@@ -122,7 +155,8 @@ BAD_PARAMS: list[tuple[dict[str, object], str]] = [
     ({"max_concurrent": -1}, "max_concurrent must be an integer >= 0, got -1"),
     ({"max_holders": 0}, "max_holders must be an integer >= 1, got 0"),
     ({"warmup": 1}, "warmup must be true or false, got 1"),
-    ({"hot_wait_s": 0}, "hot_wait_s must be a finite number > 0, got 0"),
+    ({"hot_wait_steps": 0}, "hot_wait_steps must be a finite number > 0, got 0"),
+    ({"headroom_wait_steps": -1}, "headroom_wait_steps must be a finite number > 0, got -1"),
     ({"group_chunks": 0}, "group_chunks must be a positive integer, got 0"),
 ]
 
@@ -134,8 +168,8 @@ def test_params_validated(bad: dict[str, object], message: str) -> None:
 
 
 def test_zero_is_allowed_where_it_means_something() -> None:
-    p = params(cool_wait_s=0, cooldown_s=0, max_concurrent=0, copy_overhead_s=0, kv_bytes_per_token=0)
-    assert (p.cool_wait_s, p.cooldown_s, p.max_concurrent) == (0, 0, 0)
+    p = params(cool_wait_steps=0, cooldown_s=0, max_concurrent=0, copy_overhead_s=0, kv_bytes_per_token=0)
+    assert (p.cool_wait_steps, p.cooldown_s, p.max_concurrent) == (0, 0, 0)
     assert params(copy_bytes_per_s=None).copy_bytes_per_s is None
 
 
@@ -143,9 +177,16 @@ def test_every_field_but_the_policys_is_tunable_and_checked() -> None:
     names = [f.name for f in dataclasses.fields(HotPrefixParams)]
     assert set(POLICY_OWNED) == {"group_chunks", "step"}
     assert list(TUNABLE_PARAMS) == [n for n in names if n not in POLICY_OWNED]
-    assert {"cooldown_s", "migration_timeout_s", "hot_wait_s", "cool_wait_s", "max_concurrent"} <= set(
-        TUNABLE_PARAMS
-    )
+    assert {
+        "cooldown_s",
+        "migration_timeout_s",
+        "hot_wait_steps",
+        "cool_wait_steps",
+        "max_concurrent",
+    } <= set(TUNABLE_PARAMS)
+    # The thresholds' former names (seconds) are gone, each mapped to its replacement.
+    assert set(RENAMED_PARAMS.values()) <= set(TUNABLE_PARAMS)
+    assert not set(RENAMED_PARAMS) & set(names)
 
 
 def test_rates_decay_and_prefix_is_the_common_prefix() -> None:
@@ -166,7 +207,7 @@ def test_hot_group_plans_copy_and_index_learns_only_on_completion() -> None:
     c = HotPrefixController(params())
     f = fleet("a", "b")
     route_group(f, c, "a", 0.0)
-    load(f, "a", 100, 0.0)  # wait 0.1 s >= hot 0.05
+    load(f, "a", 100, 0.0)  # wait 11 steps >= hot 5; b idle, 1 step <= headroom 2
     (plan,) = c.tick(0.0, f)
     assert (plan.target, plan.source, plan.mechanism, plan.prefix_tokens) == ("b", "a", "copy", 256)
     assert plan.prefix_text == PREFIX and plan.bytes == 256 * 1000
@@ -182,7 +223,7 @@ def test_not_hot_without_overload_rate_or_headroom() -> None:
     c = HotPrefixController(params())
     f = fleet("a", "b")
     route_group(f, c, "a", 0.0)
-    load(f, "a", 40, 0.0)  # wait 0.04 < hot 0.05
+    load(f, "a", 30, 0.0)  # wait 4 steps < hot 5
     assert c.tick(0.0, f) == []
     load(f, "b", 100, 0.0)
     load(f, "a", 100, 0.0)  # a overloaded, but b too: no headroom
@@ -198,6 +239,66 @@ def test_too_few_requests_are_not_hot() -> None:
     assert c.tick(0.0, f) == []
 
 
+# -- thresholds in each replica's own engine steps ---------------------------------------------------
+
+FAST = get_preset("llama-8b-h100").prefill_tokens_per_s  # 24.6K tokens/s: an idle step is 6.1 ms
+SLOW = demo_preset().prefill_tokens_per_s  # `demo`, llama-8b-h100 slowed 4x (load/demo.py): 24 ms
+
+
+def step_fleet(rate: float, *names: str) -> Fleet:
+    """Replicas the router believes prefill at `rate`, with kvaware's default step model (150 tokens)."""
+    f = Fleet(KvAware(KvAwareParams()), FleetConfig(prefill_tokens_per_s=rate))
+    for n in names:
+        f.add_replica(n)
+    return f
+
+
+def test_same_load_in_steps_turns_hot_whatever_the_engine_speed() -> None:
+    """Two fleets alike but for the engines' speed (llama-8b-h100 and `demo`, 4x slower), the same work
+    queued on the holder: the group turns hot in both and the copy goes to the idle replica. In seconds
+    (the former 30 and 15 ms) only the fast fleet did: the slow idle replica waits 24 ms > 15 ms, and
+    no replica had headroom (docs/BENCHMARKS.md, issue #8)."""
+    idle_s = {}
+    for rate in (FAST, SLOW):
+        c = HotPrefixController()  # the defaults: hot at 5 steps, headroom 2.5
+        f = step_fleet(rate, "a", "b")
+        route_group(f, c, "a", 0.0, n=8)  # 1.1 requests/s (half-life 5 s) >= min_rate_rps 1
+        load(f, "a", 1000, 0.0)
+        a, b = f.replicas["a"], f.replicas["b"]
+        assert replica_wait_steps(a, 0.0, c.params) == pytest.approx((1000 + 150) / 150)  # >= 5
+        assert replica_wait_steps(b, 0.0, c.params) == pytest.approx(1.0)  # <= 2.5
+        (plan,) = c.tick(0.0, f)
+        assert plan.target == "b" and c.hot_count() == 1
+        idle_s[rate] = replica_wait_s(b, 0.0, c.params)
+    assert idle_s[SLOW] == pytest.approx(4 * idle_s[FAST])
+    assert idle_s[FAST] <= 0.015 < idle_s[SLOW]  # the former headroom_wait_s: no target when slow
+
+
+def test_a_mixed_fleet_compares_each_replica_with_its_own_step() -> None:
+    """A fast and a slow replica in one fleet (the router told each one's rate): each one's wait meets the
+    thresholds in its own steps, so neither engine's speed makes it look busier or idler."""
+    c = HotPrefixController()
+    f = step_fleet(FAST, "fast")
+    f.add_replica("slow", prefill_tokens_per_s=SLOW)
+    route_group(f, c, "slow", 0.0, n=8)
+    load(f, "slow", 450, 0.0)  # (450 + 150) / 150 = 4 of its steps: 97 ms, 3x the former 30 ms
+    assert replica_wait_s(f.replicas["slow"], 0.0, c.params) > 0.09
+    assert c.tick(0.0, f) == [] and c.hot_count() == 0  # busy for a slow engine, not overloaded
+    load(f, "slow", 200, 0.0)  # 5.3 steps: hot, and the fast idle replica (1 step) takes a copy
+    (plan,) = c.tick(0.0, f)
+    assert (plan.source, plan.target) == ("slow", "fast")
+
+    c = HotPrefixController()
+    f = step_fleet(FAST, "fast")
+    f.add_replica("slow", prefill_tokens_per_s=SLOW)
+    route_group(f, c, "fast", 0.0, n=8)
+    load(f, "fast", 1000, 0.0)  # 7.7 steps, 47 ms
+    # The slow idle replica waits one of its steps, 24 ms, over the former 15 ms headroom: a target now.
+    assert replica_wait_s(f.replicas["slow"], 0.0, c.params) > 0.015
+    (plan,) = c.tick(0.0, f)
+    assert (plan.source, plan.target) == ("fast", "slow")
+
+
 def test_hysteresis_and_cooldown() -> None:
     c = HotPrefixController(params())
     f = fleet("a", "b", "c")
@@ -208,13 +309,13 @@ def test_hysteresis_and_cooldown() -> None:
     load(f, p1.target, 100, 0.0)  # the new holder is overloaded too
     assert c.tick(0.5, f) == []  # within the cooldown
     f.done(big, 0.5)
-    load(f, "a", 30, 0.5)  # a: 0.03, between cool 0.02 and hot 0.05 -> still hot (b is 0.1)
-    # min holder wait is 0.03 >= cool: stays hot, so after the cooldown it plans the third replica.
+    load(f, "a", 30, 0.5)  # a: 4 steps, between cool 2 and hot 5 -> still hot (b is 11)
+    # min holder wait is 4 steps >= cool: stays hot, so after the cooldown it plans the third replica.
     (p2,) = c.tick(1.1, f)
     assert p2.target == "c"
     c.completed(p2.plan_id, f, 1.1, 256)
     assert c.groups(f, 1.1)[0].hot
-    # c is idle: min holder wait 0 < cool -> no longer hot.
+    # c is idle: min holder wait 1 step < cool 2 -> no longer hot.
     assert c.tick(1.2, f) == []
     assert not c.groups(f, 1.2)[0].hot
 
@@ -308,7 +409,7 @@ def test_manual_plan_and_timeout() -> None:
 
 
 def two_holders(c: HotPrefixController) -> Fleet:
-    """The group held by "a" (the lighter-loaded, wait 0.1 s) and "b" (0.2 s); "c" idle."""
+    """The group held by "a" (the lighter-loaded, wait 11 steps) and "b" (21 steps); "c" idle (1)."""
     f = fleet("a", "b", "c")
     route_group(f, c, "a", 0.0)
     route_group(f, c, "b", 0.0)

@@ -24,7 +24,7 @@ from router.config import (
     build_config,
     check_hot_prefix,
 )
-from router.hot_prefix import TUNABLE_PARAMS, HotPrefixParams
+from router.hot_prefix import RENAMED_PARAMS, TUNABLE_PARAMS, HotPrefixParams
 from router.migration import copy_kind, hot_prefix_params
 from router.policies.kvaware import KvAwareParams
 from router.serve_cli import EPILOG
@@ -74,7 +74,7 @@ def test_hot_prefix_default_is_every_controller_default() -> None:
     cfg = RouterConfig(hot_prefix={"cooldown_s": 0.5, "migration_timeout_s": 3, "max_concurrent": 0})
     p = check_hot_prefix(cfg.hot_prefix)
     assert (p.cooldown_s, p.migration_timeout_s, p.max_concurrent) == (0.5, 3, 0)
-    assert p.hot_wait_s == HotPrefixParams().hot_wait_s  # the others keep their defaults
+    assert p.hot_wait_steps == HotPrefixParams().hot_wait_steps  # the others keep their defaults
 
 
 def test_hot_prefix_from_the_file(tmp_path: Path) -> None:
@@ -83,8 +83,8 @@ def test_hot_prefix_from_the_file(tmp_path: Path) -> None:
         "hot_prefix:\n"
         "  cooldown_s: 0.4\n"
         "  migration_timeout_s: 5\n"
-        "  hot_wait_s: 0.05\n"
-        "  cool_wait_s: 0.02\n"
+        "  hot_wait_steps: 8\n"
+        "  cool_wait_steps: 3.5\n"
         "  copy_bytes_per_s: null\n"
         "  warmup: true\n"
     )
@@ -92,8 +92,8 @@ def test_hot_prefix_from_the_file(tmp_path: Path) -> None:
     assert cfg.hot_prefix == {
         "cooldown_s": 0.4,
         "migration_timeout_s": 5,
-        "hot_wait_s": 0.05,
-        "cool_wait_s": 0.02,
+        "hot_wait_steps": 8,
+        "cool_wait_steps": 3.5,
         "copy_bytes_per_s": None,
         "warmup": True,
     }
@@ -101,12 +101,17 @@ def test_hot_prefix_from_the_file(tmp_path: Path) -> None:
     assert build_config(config_path=path, environ={}).hot_prefix == {}
 
 
-def test_hot_prefix_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
+def config_file_error(tmp_path: Path, text: str) -> str:
+    """The ConfigError a router.yaml of `text` stops kvrouter serve with."""
     path = tmp_path / "router.yaml"
-    path.write_text("hot_prefix: {cooldown: 1, timeout_s: 2}\n")
+    path.write_text(text)
     with pytest.raises(ConfigError) as err:
         build_config(config_path=path, environ={})
-    message = str(err.value)
+    return str(err.value)
+
+
+def test_hot_prefix_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
+    message = config_file_error(tmp_path, "hot_prefix: {cooldown: 1, timeout_s: 2}\n")
     assert message.startswith("hot_prefix: unknown key(s) cooldown, timeout_s; known: half_life_s, ")
     for key in TUNABLE_PARAMS:
         assert key in message
@@ -128,9 +133,10 @@ BAD_HOT_PREFIX: list[tuple[Any, str]] = [
     ({"max_groups": 0}, "hot_prefix: max_groups must be an integer >= 1, got 0"),
     ({"warmup": "no"}, "hot_prefix: warmup must be true or false, got 'no'"),
     ({"copy_bytes_per_s": 0}, "hot_prefix: copy_bytes_per_s must be a finite number > 0 (or None"),
-    # hysteresis: alone, a hot_wait_s under the default cool_wait_s (0.015) is refused too
-    ({"hot_wait_s": 0.01}, "hot_prefix: cool_wait_s (0.015) must be below hot_wait_s (0.01)"),
-    ({"cool_wait_s": 0.03, "hot_wait_s": 0.03}, "cool_wait_s (0.03) must be below hot_wait_s (0.03)"),
+    # hysteresis: alone, a hot_wait_steps under the default cool_wait_steps (2.5) is refused too
+    ({"hot_wait_steps": 2}, "hot_prefix: cool_wait_steps (2.5) must be below hot_wait_steps (2)"),
+    ({"cool_wait_steps": 4, "hot_wait_steps": 4}, "cool_wait_steps (4) must be below hot_wait_steps (4)"),
+    ({"headroom_wait_steps": 0}, "hot_prefix: headroom_wait_steps must be a finite number > 0, got 0"),
 ]
 
 
@@ -138,6 +144,24 @@ BAD_HOT_PREFIX: list[tuple[Any, str]] = [
 def test_bad_hot_prefix_values(raw: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         RouterConfig(hot_prefix=raw)
+
+
+def test_the_former_thresholds_in_seconds_name_their_replacement(tmp_path: Path) -> None:
+    """hot_wait_s, cool_wait_s and headroom_wait_s were seconds; now they are idle engine steps, so an old
+    file must not start with the thresholds silently at their defaults nor read 0.03 as 0.03 steps."""
+    message = config_file_error(tmp_path, "hot_prefix:\n  hot_wait_s: 0.03\n  cooldown_s: 1\n")
+    assert message.startswith("hot_prefix: hot_wait_s is now hot_wait_steps: the thresholds are in idle ")
+    assert "not seconds" in message and "0.03 s is 5 steps" in message
+    with pytest.raises(ConfigError) as err:
+        RouterConfig(hot_prefix={"headroom_wait_s": 0.015, "cool_wait_s": 0.015, "typo": 1})
+    assert str(err.value).startswith(
+        "hot_prefix: cool_wait_s is now cool_wait_steps, headroom_wait_s is now headroom_wait_steps: "
+    )
+    assert RENAMED_PARAMS == {
+        "hot_wait_s": "hot_wait_steps",
+        "cool_wait_s": "cool_wait_steps",
+        "headroom_wait_s": "headroom_wait_steps",
+    }
 
 
 def test_a_number_yaml_kept_as_text_gets_a_hint(tmp_path: Path) -> None:
