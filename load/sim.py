@@ -70,8 +70,8 @@ class SimConfig:
     hot_tick_s: float = 0.5
     copy_bytes_per_s: float | None = DEFAULT_COPY_BYTES_PER_S  # None: warm-up prefills only
     # What the router believes a replica prefills per second. None: the preset's own rate, as if the
-    # router had been told; a live `kvrouter serve` has no such setting and assumes FleetConfig's
-    # default (an H200's), which is what a simulation of a live run must give it.
+    # router had been told (bench live tells its kvrouter serve with --prefill-rate); a router that
+    # was not told assumes FleetConfig's default (an H200's).
     router_prefill_tokens_per_s: float | None = None
 
 

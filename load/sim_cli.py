@@ -6,12 +6,12 @@ plus decode) is 1.2x what the fleet can do, so round robin saturates while a pol
 prefixes where they are cached has room to spare.
 
 To predict a live run (`kvrouter bench live`), give the flags its JSON's `sim_command` lists (rate,
---duration and --requests, --output-tokens, --preset demo, --kv-transfer warmup, and the prefill
-speed the live router assumes, --router-prefill-rate): they generate the very same requests and give
-the simulated router what the live one knows. `--compare-live FILE` then prints how far each figure
-is from the live one (load/sim_vs_live.py) and refuses a live run of other requests. Besides the
-shared schema each policy gets `metrics_hit_rate`: the engines' prefix-cache counters (hits /
-queries, what a replica's /metrics reports, and what bench live's `hit_rate` reads).
+--duration and --requests, --output-tokens, --preset demo, --kv-transfer warmup; the router's prefill
+speed is the preset's by default, as bench live tells its kvrouter serve): they generate the very same
+requests and give the simulated router what the live one knows. `--compare-live FILE` then prints how
+far each figure is from the live one (load/sim_vs_live.py) and refuses a live run of other requests.
+Besides the shared schema each policy gets `metrics_hit_rate`: the engines' prefix-cache counters
+(hits / queries, what a replica's /metrics reports, and what bench live's `hit_rate` reads).
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def register(commands: Any) -> None:
         "--router-prefill-rate",
         type=float,
         metavar="TOKENS_PER_S",
-        help="prefill speed the router assumes (default: the preset's; a live kvrouter serve assumes "
-        "router/fleet.py's FleetConfig default, and bench live's sim_command says so)",
+        help="prefill speed the router assumes (default: the preset's, as bench live tells its kvrouter "
+        "serve with --prefill-rate; give kvrouter serve's own default, 25000, to simulate a router that "
+        "was not told)",
     )
     parser.add_argument("--seed", type=int, default=0, help="workload and simulation seed (default 0)")
     parser.add_argument("--json", type=Path, help="write results as JSON here")

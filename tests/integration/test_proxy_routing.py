@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from fake_upstream import FakeFactory, RouterFactory, chat, completion, post
@@ -27,6 +29,54 @@ async def test_a_repeated_prefix_goes_to_the_replica_that_got_it_first(
     assert len(set(chosen)) == 1, chosen
     holder = chosen[0]
     assert router.fleet.index.stats().per_replica[holder] > 0
+
+
+@pytest.mark.parametrize(("stall_wait", "moves"), [(True, True), (False, False)])
+async def test_a_holder_that_stops_answering_stops_drawing_its_group(
+    fakes: FakeFactory, routers: RouterFactory, http: aiohttp.ClientSession, stall_wait: bool, moves: bool
+) -> None:
+    """The holder of a prefix stops producing first tokens (as a replica with a full KV cache does):
+    once the wait is past what its queue should take by more than recomputing the prefix costs, the
+    group goes to the other replica — long before the health probes (every 2 s) or the request's
+    timeout could notice. Without the overdue time (stall_wait=false) the holder's queue is credited
+    as done by the clock and it keeps drawing the group."""
+    a, b = await fakes("a"), await fakes("b")
+    router = await routers(
+        a,
+        b,
+        policy=f"kvaware:stall_wait={str(stall_wait).lower()}",
+        breaker_failures=100,
+        upstream_timeout_s=1.0,
+    )
+    status, headers, _ = await post(http, router.url + "/v1/completions", completion(SHARED + "first?"))
+    assert status == 200
+    holder = headers[REPLICA_HEADER]
+    stuck = {"a": a, "b": b}[holder]
+    stuck.hang = True
+    loop = asyncio.get_running_loop()
+
+    async def send(question: str) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
+        """Send in the background; return once the router has routed it."""
+        before = router.fleet.inflight_count()
+        body = completion(SHARED + question)
+        sent = asyncio.ensure_future(post(http, router.url + "/v1/completions", body))
+        deadline = loop.time() + 5
+        while router.fleet.inflight_count() == before and not sent.done():
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        return sent
+
+    second = await send("second?")
+    assert router.fleet.replicas[holder].prefill_requests == 1  # the holder took it, and sends nothing
+    await asyncio.sleep(0.3)  # past due by far more than the prefix's prefill time (~15 ms)
+    third = await send("third?")
+    went_to_holder = router.fleet.replicas[holder].prefill_requests == 2
+    assert went_to_holder != moves
+    # The stuck replica never answers: what it took ends at the router's first-byte timeout.
+    (status2, _, _), (status3, headers3, _) = await asyncio.gather(second, third)
+    assert status2 == 504
+    if not went_to_holder:
+        assert status3 == 200 and headers3[REPLICA_HEADER] == ({"a", "b"} - {holder}).pop()
 
 
 async def test_chat_conversations_stick_to_their_replica(

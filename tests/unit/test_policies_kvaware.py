@@ -181,6 +181,36 @@ def test_queue_progress_since_the_head_started() -> None:
     assert late.queue_tokens == 0  # never below nothing
 
 
+def test_a_replica_whose_first_tokens_are_overdue_is_charged_the_overdue_time() -> None:
+    """A holder whose queued prefill should have finished by now but has not sent a first token (its KV
+    is full, say) is not an idle replica: the time past due counts, and the group spills once that
+    outweighs recomputing its prefix. Without it (stall_wait=false), the progress credited to the
+    queue made a stuck holder look idle and kept sending it the group (simulator: llmd-prefix, 4 x
+    llama-8b-h100, 600 requests: a dozen requests queued 22 s behind one full replica)."""
+    prefix = chars(12, 2000)  # 500 tokens
+    for stall_wait, spilled in ((True, True), (False, False)):
+        fleet = bare_fleet("a", "b")
+        policy = KvAware(KvAwareParams(stall_wait=stall_wait))
+        fleet.attach(policy)
+        first = text_req(prefix + chars(13, 40))
+        fleet.routed(first, policy.choose(first, fleet, 0.0), now=0.0)
+        holder = next(n for n, st in fleet.replicas.items() if st.inflight_requests)
+        other = "b" if holder == "a" else "a"
+        follower = text_req(prefix + chars(14, 40))
+        queued = fleet.replicas[holder].inflight_prefill_tokens  # one step's prefill: under the budget
+        # Its queue at the rate less each step's fixed work, after the step the engine may have been in.
+        due = queued / (RATE * queued / (queued + 150.0)) + (queued + 150.0) / RATE
+        (on_time,) = [e for e in policy.estimates(follower, fleet, due) if e.replica == holder]
+        assert on_time.stall_s == 0.0
+        late = {e.replica: e for e in policy.estimates(follower, fleet, due + 5.0)}
+        assert late[holder].stall_s == pytest.approx(5.0 if stall_wait else 0.0)
+        assert late[other].stall_s == 0.0  # nothing of ours queued there
+        decision = policy.choose(follower, fleet, due + 5.0)
+        assert (decision.replica, decision.reason) == (
+            (other, "spill") if spilled else (holder, "prefix-hit")
+        )
+
+
 def test_kv_wait_when_the_request_does_not_fit() -> None:
     """Opt-in (`kv_wait`): on a replica whose in-flight requests have committed its KV, the request
     waits for the share of that KV it needs to be freed, a share of a request lifetime."""
