@@ -15,7 +15,9 @@ cooperation (kvrouter's own metrics have no counterpart in the peers):
     replica side   `hit_rate`, requests and busy request-seconds per replica (`imbalance`),
                    `replica_ttft_mean_s` (TTFT from the engine's arrival), and `inflight_over_time`
                    (running + waiting, sampled), from each replica's /metrics (load/replica_metrics.py)
-    router process `router_cpu_ms_per_request` (its CPU while the workload ran, from /proc)
+    router process `router_cpu_ms_per_request` (its CPU while the workload ran, from /proc); for
+                   kvrouter's rows also `migrations_completed` / `migrations_failed`, the hot-prefix
+                   migrations it ran (its /metrics: a warm-up is a request the replicas count too)
 `logical_hit_rate` is the workload's ceiling (load/sim.py `prepare`). A row that cannot run (binary
 missing, a flag it lacks, a crash, no answers) keeps its place with an `error`. The JSON has the
 `kvrouter sim` schema (load/report.py) plus, per row, `router`, `command`, `errors`, `wall_s` and the
@@ -167,6 +169,7 @@ class RowRun:
     sample_times: list[float] = field(default_factory=list)
     samples: list[list[int]] = field(default_factory=list)  # in flight per replica, per sample
     router_cpu_s: float | None = None  # CPU the router process used while the workload ran
+    migrations: dict[str, int] | None = None  # kvrouter's hot-prefix migrations by outcome
     notes: list[str] = field(default_factory=list)
 
 
@@ -223,7 +226,7 @@ async def run_row(
         start_target,
         stop,
     )
-    from load.replica_metrics import scrape
+    from load.replica_metrics import parse_router_migrations, scrape
     from workers.emulator.fleet import EmulatedFleet
 
     async with EmulatedFleet(replicas=replicas, preset=preset, model=MODEL, kv_events=True) as fleet:
@@ -273,6 +276,9 @@ async def run_row(
             print(f"  ({run.elapsed_s:.0f} s)", file=sys.stderr)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 after = await scrape(session, urls)
+                if row.router == "kvrouter":
+                    async with session.get(target.url + "/metrics") as resp:
+                        run.migrations = parse_router_migrations(await resp.text())
             run.deltas = [a.since(b) for a, b in zip(after, before, strict=True)]
             target.failure = exit_problem(target)
             if row.spec == "vllm-router:kv_aware":
@@ -305,6 +311,9 @@ def row_figures(row: Row, run: RowRun, logical: Mapping[str, int], names: Sequen
     figures["replica_ttft_mean_s"] = replica_ttft_mean(run.deltas)
     if run.router_cpu_s is not None and records:
         figures["router_cpu_ms_per_request"] = 1000.0 * run.router_cpu_s / len(run.live)
+    if run.migrations is not None:  # the simulator's keys, for --compare-live and the docs
+        figures["migrations_completed"] = run.migrations["completed"]
+        figures["migrations_failed"] = run.migrations["failed"]
     errors = [r.error for r in run.live if r.error is not None]
     figures["errors"] = len(errors)
     if errors:

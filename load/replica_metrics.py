@@ -14,8 +14,12 @@ row alike (vLLM V1's names, as the emulator exports them; workers/emulator/metri
   what the path adds: HTTP, the router, the client's own scheduling;
 - in flight: `vllm:num_requests_running + vllm:num_requests_waiting`, a gauge, sampled.
 
-`parse_replica_metrics` is pure; `scrape` is the one I/O call. With several engines in one replica
-(data-parallel ranks) everything is summed.
+One figure is read from the router instead, for kvrouter's rows only (a peer has no counterpart):
+the hot-prefix migrations it ran (`router_migrations_total` by outcome, `parse_router_migrations`),
+since a warm-up prefill is a request the replicas count like any other.
+
+`parse_replica_metrics` and `parse_router_migrations` are pure; `scrape` is the one I/O call. With
+several engines in one replica (data-parallel ranks) everything is summed.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass, fields
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+
+from router.metrics import MIGRATION_OUTCOMES
 
 _SAMPLES = {
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
@@ -85,6 +91,18 @@ def parse_replica_metrics(text: str) -> ReplicaCounters:
             if key is not None:
                 totals[key] += sample.value
     return ReplicaCounters(**totals)
+
+
+def parse_router_migrations(text: str) -> dict[str, int]:
+    """kvrouter's /metrics page → its hot-prefix migrations by outcome (ValueError if it does not parse)."""
+    lines = [line for line in text.splitlines() if "router_migrations_total" in line]
+    counts = dict.fromkeys(MIGRATION_OUTCOMES, 0)
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        for sample in family.samples:
+            outcome = sample.labels.get("outcome", "")
+            if sample.name == "router_migrations_total" and outcome in counts:
+                counts[outcome] += round(sample.value)
+    return counts
 
 
 async def scrape(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[ReplicaCounters]:

@@ -59,8 +59,14 @@ def test_peer_rows_run_when_installed_and_say_why_not_otherwise(tmp_path: Path) 
     assert list(results) == ["round_robin", *PEER_SPECS]
     assert [row["router"] for row in results.values()] == ["kvrouter", "smg", "vllm-router", "vllm-router"]
     assert_ran("round_robin", results["round_robin"], data["requests"], 2)
+    # kvrouter's own hot-prefix migrations (read from its /metrics; the controller runs for kvaware only)
+    assert (results["round_robin"]["migrations_completed"], results["round_robin"]["migrations_failed"]) == (
+        0,
+        0,
+    )
     for spec in PEER_SPECS:
         row = results[spec]
+        assert "migrations_completed" not in row  # a peer has no counterpart
         assert row["command"][0] == str(PEERS_VENV / "bin" / spec.partition(":")[0])
         assert spec in run.stdout  # the table has a line for it either way
         if PEERS_INSTALLED:

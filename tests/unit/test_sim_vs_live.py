@@ -12,9 +12,16 @@ import math
 
 import pytest
 
-from load.replica_metrics import ReplicaCounters, hit_rate, parse_replica_metrics, replica_ttft_mean
+from load.replica_metrics import (
+    ReplicaCounters,
+    hit_rate,
+    parse_replica_metrics,
+    parse_router_migrations,
+    replica_ttft_mean,
+)
 from load.sim_vs_live import TOLERANCE, compare, workload_digest
 from load.workloads import make_workload
+from router.metrics import RouterMetrics
 from workers.emulator.metrics import ReplicaCollector, RequestStats, make_registry, render
 from workers.engine import Engine, get_preset
 
@@ -35,6 +42,15 @@ def _rendered_page(prompts: list[list[int]]) -> tuple[bytes, Engine, RequestStat
                 stats.finished_reasons[done.finish_reason] += 1
     collector = ReplicaCollector("m", lambda: (engine.metrics(), stats))
     return render(make_registry(collector)), engine, stats
+
+
+def test_migrations_parse_from_the_page_kvrouter_renders() -> None:
+    metrics = RouterMetrics()
+    assert parse_router_migrations(metrics.render().decode()) == {"started": 0, "completed": 0, "failed": 0}
+    for outcome in ("started", "started", "started", "completed", "completed", "failed"):
+        metrics.migrations.labels(outcome).inc()
+    page = metrics.render().decode()
+    assert parse_router_migrations(page) == {"started": 3, "completed": 2, "failed": 1}
 
 
 def test_counters_parse_from_a_page_the_emulator_renders() -> None:
