@@ -251,6 +251,7 @@ class Simulation:
         now = step.end
         for first in step.first_tokens:
             if first.request_id in self._warmups:
+                self.fleet.done(first.request_id, now)  # a warm-up is done at its one token
                 self._warmup_done(self._warmups.pop(first.request_id), name, now)
                 continue
             self._first_token_at[first.request_id] = now
@@ -302,7 +303,10 @@ class Simulation:
             else:
                 rid = f"warmup-{plan.plan_id}"
                 self._warmups[rid] = plan
-                self.engines[plan.target].submit(rid, self._plan_tokens(plan), 1, now)
+                tokens = self._plan_tokens(plan)
+                self.engines[plan.target].submit(rid, tokens, 1, now)
+                # In the target's queue until its token, as the proxy's warm-up executor does.
+                self.fleet.background_prefill(rid, plan.target, len(tokens), now)
                 if not self._busy[plan.target]:
                     self._start_step(plan.target, now)
 

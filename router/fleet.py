@@ -160,6 +160,7 @@ class _InFlight:
     chunk_tokens: float
     tail_tokens: float
     prefilling: bool = True
+    background: bool = False  # the router's own work (a warm-up), not a client's request
 
 
 class Fleet:
@@ -353,6 +354,29 @@ class Fleet:
         if self._policy is not None:
             self._policy.on_routed(request, decision, self, now)
 
+    def background_prefill(self, work_id: str, replica: str, tokens: int, now: float) -> None:
+        """Prefill the router itself started on `replica` (a hot-prefix warm-up): `tokens` join its queue
+        like a routed request's uncached prompt, so routing does not take the replica for idle while it
+        computes them (without it kvaware sent cold prefills to a warm-up's target, queued behind the
+        warm-up). Not indexed (the index learns a migration's prefix when it completes) and not told to
+        the policy. Ends with `done(work_id)`. KeyError for an unknown replica."""
+        state = self._replicas.get(replica)
+        if state is None:
+            raise KeyError(f"unknown replica {replica!r}")
+        old = self._inflight.pop(work_id, None)
+        if old is not None:
+            self._release(old)
+        tokens = max(0, tokens)
+        rec = _InFlight(replica, now, tokens, tokens, 1, (), 0.0, float(tokens), background=True)
+        self._inflight[work_id] = rec
+        state.inflight_requests += 1
+        if state.prefill_requests == 0:
+            state.prefill_since = now
+        state.prefill_requests += 1
+        state.inflight_prefill_tokens += tokens
+        state.inflight_output_tokens += 1
+        state.active_kv_tokens += rec.tail_tokens
+
     def first_token(self, request_id: str, now: float) -> bool:
         """The request's first token arrived: its prefill is done. False if unknown or repeated."""
         rec = self._inflight.get(request_id)
@@ -365,7 +389,7 @@ class Fleet:
         state.inflight_prefill_tokens -= rec.prefill_tokens
         state.inflight_decode_tokens += rec.prompt_tokens
         state.decode_output_tokens += rec.output_tokens
-        if self._policy is not None:
+        if self._policy is not None and not rec.background:
             self._policy.on_first_token(request_id, rec.replica, now)
         return True
 
@@ -377,7 +401,7 @@ class Fleet:
         self._release(rec)
         if not rec.prefilling and rec.chained:
             self._replicas[rec.replica].served_requests += 1
-        if self._policy is not None:
+        if self._policy is not None and not rec.background:
             self._policy.on_done(request_id, rec.replica, now)
         return True
 

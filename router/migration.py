@@ -159,6 +159,11 @@ class MigrationRunner:
         started = self.clock()
         urls = {r.name: r.url for r in self.replicas.all()}
         held: int | None = None
+        # A warm-up computes the prefix on the target: its queue holds that work until the answer, so
+        # routing does not send cold prefills there as if it were idle (Fleet.background_prefill).
+        work_id = f"kvrouter-warmup-{plan.plan_id}"
+        if executor.mechanism == "warmup" and plan.target in self.fleet.replicas:
+            self.fleet.background_prefill(work_id, plan.target, plan.prefix_tokens, started)
         try:
             async with asyncio.timeout(self.controller.params.migration_timeout_s):
                 held = await executor.execute(plan, urls)
@@ -168,6 +173,8 @@ class MigrationRunner:
             )
         except Exception:
             log.exception("migration %d failed unexpectedly", plan.plan_id)
+        finally:
+            self.fleet.done(work_id, self.clock())
         now = self.clock()
         self.metrics.migration_duration.observe(now - started)
         moved = self.controller.bytes_moved

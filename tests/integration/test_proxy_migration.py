@@ -296,6 +296,7 @@ async def test_a_hung_warmup_times_out_after_the_configured_timeout(
             hot = await hot_view(http, router)
             stop.set()
             await asyncio.wait_for(load, 10)
+            assert router.fleet.inflight_count() == 0  # the timed-out warm-up's queued work went with it
         finally:
             await router.stop()
         assert metric(text, "router_migrations_total", outcome="completed") == 0
@@ -328,8 +329,11 @@ async def test_admin_shows_a_warmup_as_warmup(http: aiohttp.ClientSession, tmp_p
             assert plan["prefix_tokens"] == len(HOT_PREFIX)
             (in_flight,) = (await hot_view(http, router))["in_flight"]
             assert in_flight == plan
+            # The prefix it computes is in the peer's queue meanwhile: routing does not take it for idle.
+            assert router.fleet.replicas[peer].inflight_prefill_tokens == len(HOT_PREFIX)
             text = await outcome(http, router, "completed")
             assert metric(text, "router_migration_bytes_total") == 0
+            assert router.fleet.replicas[peer].inflight_prefill_tokens == 0
             (done,) = (await hot_view(http, router))["groups"]
             assert sorted(done["holders"]) == ["r0", "r1"]
         finally:

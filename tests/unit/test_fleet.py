@@ -6,6 +6,7 @@ import pytest
 
 from router.fleet import Fleet, FleetConfig, ReplicaState
 from router.policies.base import Decision, PolicyBase, RequestView, make_request
+from router.policies.kvaware import KvAware
 
 SYSTEM = "You are a meticulous assistant. Answer briefly and cite the sources you used. " * 8
 
@@ -142,6 +143,38 @@ def test_hooks_are_called_in_lifecycle_order() -> None:
     fleet.done("r1", 2.0)
     fleet.done("r1", 3.0)  # unknown now: no hook
     assert policy.calls == [("added", "a"), ("routed", "r1"), ("first_token", "r1"), ("done", "r1")]
+
+
+@pytest.mark.parametrize("steps", [["done"], ["first_token", "done"]])
+def test_background_prefill_is_queued_load_only(steps: list[str]) -> None:
+    """A warm-up the router runs itself: in the target's prefill queue (and KV) until done, but not
+    indexed, not a served request and never shown to the policy."""
+    policy = Recorder("a")
+    fleet = fleet_of("a", "b", policy=policy)
+    fleet.background_prefill("warmup-1", "b", 4096, now=2.0)
+    b = fleet.replicas["b"]
+    assert load(b) == (1, 1, 4096, 0, 0, 4096.0)
+    assert b.prefill_since == 2.0
+    assert fleet.index.size("b") == 0
+    for i, step in enumerate(steps):
+        getattr(fleet, step)("warmup-1", 3.0 + i)
+    assert load(b) == ZERO and b.prefill_since is None and b.inflight_output_tokens == 0
+    assert b.served_requests == 0 and fleet.inflight_count() == 0
+    assert policy.calls == [("added", "a"), ("added", "b")]
+    with pytest.raises(KeyError):
+        fleet.background_prefill("warmup-2", "nowhere", 1, now=0.0)
+
+
+def test_kvaware_counts_a_warm_up_in_its_targets_queue() -> None:
+    fleet = Fleet(KvAware(), FleetConfig(prefill_tokens_per_s=1000.0))
+    for name in ("a", "b"):
+        fleet.add_replica(name)
+    fleet.background_prefill("warmup-1", "a", 3000, now=0.0)
+    policy = fleet.policy
+    assert isinstance(policy, KvAware)
+    queue = {e.replica: e.queue_tokens for e in policy.estimates(req("q"), fleet, 0.0)}
+    assert queue == {"a": 3000, "b": 0}
+    assert fleet.route(req("q"), 0.0).replica == "b"
 
 
 def test_attach_announces_existing_replicas() -> None:
