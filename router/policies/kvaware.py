@@ -38,9 +38,10 @@ tokens and prefill-token equivalents (one = 1 / prefill_rate(r) seconds of engin
   test_proxy_routing.py: a holder that stops answering). Holders only: on a fleet saturated to its KV
   every replica is past due at times, and charging non-holders turned the choice of a new prompt's
   replica into whichever last sent a first token (simulator, no-sharing, 8 x llama-8b-h100, 2,000
-  requests, seed 0: p99 TTFT 6.72 s against 5.85 s; holders only: 5.85 s). Measured the same way on
-  the seven workloads (4 x and 8 x, seed 0), it changes only llmd-prefix at 8 x, whose fleet runs out of
-  KV during the ramp: mean TTFT 0.202 -> 0.195 s.
+  requests, seed 0: p99 TTFT 6.72 s against 5.85 s; holders only: 5.85 s). Charging every replica
+  changed nothing else on the seven workloads (4 x, 600 requests, and 8 x, 2,000, seed 0) but llmd-prefix
+  at 8 x, whose fleet runs out of KV during the ramp; holders only, re-run there: mean TTFT 0.202 ->
+  0.195 s.
 - step(r): every engine step that carries a prefill chunk also carries the fixed cost of a step and one
   token of every decoding sequence, each attending to its context (vLLM's continuous batching; the
   engine model's step time, workers/engine/presets.py, is linear in the same three inputs). decoding(r)
