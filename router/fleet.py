@@ -315,12 +315,7 @@ class Fleet:
 
         An id already in flight is released first (a retry elsewhere). KeyError for an unknown replica.
         """
-        state = self._replicas.get(decision.replica)
-        if state is None:
-            raise KeyError(f"unknown replica {decision.replica!r}")
-        old = self._inflight.pop(request.request_id, None)
-        if old is not None:
-            self._release(old)
+        state = self._replica_or_raise(decision.replica)
         cached = min(max(decision.expected_cached_tokens, 0), request.prompt_tokens)
         chained = request.hashes.chained
         chunk_tokens = request.tokens_per_chunk
@@ -334,21 +329,7 @@ class Fleet:
             chunk_tokens=chunk_tokens,
             tail_tokens=max(0.0, request.prompt_tokens - len(chained) * chunk_tokens),
         )
-        self._inflight[request.request_id] = rec
-        state.inflight_requests += 1
-        if state.prefill_requests == 0:
-            state.prefill_since = now
-        state.prefill_requests += 1
-        state.inflight_prefill_tokens += rec.prefill_tokens
-        state.inflight_output_tokens += rec.output_tokens
-        counts = self._refs[state.name]
-        added = rec.tail_tokens
-        for h in chained:
-            n = counts.get(h, 0)
-            if n == 0:
-                added += chunk_tokens
-            counts[h] = n + 1
-        state.active_kv_tokens += added
+        self._admit(request.request_id, rec, state, now)
         if not state.event_fed:
             self.index.insert(state.name, chained, now)
         if self._policy is not None:
@@ -360,22 +341,38 @@ class Fleet:
         computes them (without it kvaware sent cold prefills to a warm-up's target, queued behind the
         warm-up). Not indexed (the index learns a migration's prefix when it completes) and not told to
         the policy. Ends with `done(work_id)`. KeyError for an unknown replica."""
-        state = self._replicas.get(replica)
-        if state is None:
-            raise KeyError(f"unknown replica {replica!r}")
-        old = self._inflight.pop(work_id, None)
-        if old is not None:
-            self._release(old)
+        state = self._replica_or_raise(replica)
         tokens = max(0, tokens)
         rec = _InFlight(replica, now, tokens, tokens, 1, (), 0.0, float(tokens), background=True)
-        self._inflight[work_id] = rec
+        self._admit(work_id, rec, state, now)
+
+    def _replica_or_raise(self, name: str) -> ReplicaState:
+        state = self._replicas.get(name)
+        if state is None:
+            raise KeyError(f"unknown replica {name!r}")
+        return state
+
+    def _admit(self, request_id: str, rec: _InFlight, state: ReplicaState, now: float) -> None:
+        """Add `rec`'s load to `state` (what `_release` takes away); an id already in flight is released
+        first (a retry elsewhere)."""
+        old = self._inflight.pop(request_id, None)
+        if old is not None:
+            self._release(old)
+        self._inflight[request_id] = rec
         state.inflight_requests += 1
         if state.prefill_requests == 0:
             state.prefill_since = now
         state.prefill_requests += 1
-        state.inflight_prefill_tokens += tokens
-        state.inflight_output_tokens += 1
-        state.active_kv_tokens += rec.tail_tokens
+        state.inflight_prefill_tokens += rec.prefill_tokens
+        state.inflight_output_tokens += rec.output_tokens
+        counts = self._refs[state.name]
+        added = rec.tail_tokens
+        for h in rec.chained:
+            n = counts.get(h, 0)
+            if n == 0:
+                added += rec.chunk_tokens
+            counts[h] = n + 1
+        state.active_kv_tokens += added
 
     def first_token(self, request_id: str, now: float) -> bool:
         """The request's first token arrived: its prefill is done. False if unknown or repeated."""

@@ -261,7 +261,12 @@ def idle_step_s(s: ReplicaState, params: HotPrefixParams) -> float:
 
 def replica_wait_steps(s: ReplicaState, now: float, params: HotPrefixParams) -> float:
     """`replica_wait_s` in idle engine steps of `s` (what the thresholds are compared with)."""
-    return replica_wait_s(s, now, params) / idle_step_s(s, params)
+    return in_steps(replica_wait_s(s, now, params), s, params)
+
+
+def in_steps(wait_s: float, s: ReplicaState, params: HotPrefixParams) -> float:
+    """A wait on `s` in seconds, in idle engine steps of `s`."""
+    return wait_s / idle_step_s(s, params)
 
 
 @dataclass(slots=True)
@@ -378,7 +383,7 @@ class HotPrefixController:
         self._expire(now)
         # Waits in seconds rank targets and sources; in each replica's own steps they meet the thresholds.
         waits = {name: replica_wait_s(s, now, p) for name, s in fleet.replicas.items() if s.available}
-        steps = {name: w / idle_step_s(fleet.replicas[name], p) for name, w in waits.items()}
+        steps = {name: in_steps(w, fleet.replicas[name], p) for name, w in waits.items()}
         total_rate = 0.0
         for key in list(self._groups):
             g = self._groups[key]
