@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -269,6 +270,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Young-generation threshold of the cyclic garbage collector in `kvrouter serve` (CPython's default:
+# 700). Requests leave few cycles (the tracked objects they make die by reference counting), but each
+# young collection walks whatever is young then — in flight, the prompts' hash tuples and buffers —
+# and cost ~0.5 ms here every ~20 requests: ~5% of the router's CPU under `bench proxy` load (measured
+# with gc.callbacks). At 10,000, ~1%; the garbage a cycle can hold back is still bounded.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Once the server is up: freeze what start-up made, and collect the young generation less often.
+
+    Start-up objects (modules, the app, the fleet) live as long as the process, yet every full
+    collection walked them all (~85,000 objects, scipy's included: ~40 ms, a stall of every request
+    in flight); frozen, full collections walk only what requests made since."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def _serve(config: RouterConfig, source: Any) -> None:
     from router.server import RouterServer
 
@@ -295,6 +316,7 @@ async def _serve(config: RouterConfig, source: Any) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        tune_gc()
         log.info(
             "kvrouter serving on %s: %d backend(s), policy %s",
             server.url,

@@ -26,7 +26,11 @@ import mmh3
 
 DEFAULT_CHUNK_CHARS = 64
 _UNIT_BYTES = 4  # UTF-32 code unit, or one uint32 token id
-_hash128 = mmh3.mmh3_x64_128_utupledigest
+# The low 64 bits of MurmurHash3 x64-128: the 128-bit digest as one int, masked. The same bits as
+# `mmh3_x64_128_utupledigest(...)[0]`, a third faster and without a tuple per chunk (which also fed the
+# garbage collector's young generation: 128 of them for every 8 KB prompt).
+_hash128 = mmh3.mmh3_x64_128_uintdigest
+_LOW64 = (1 << 64) - 1
 
 
 class ChunkHashes:
@@ -75,7 +79,7 @@ class ChunkHashes:
             step = self.chunk_units * _UNIT_BYTES
             data, seed = _encode(self._source), self._seed & 0xFFFFFFFF
             self._content = tuple(
-                _hash128(data[i : i + step], seed)[0] for i in range(0, len(self.chained) * step, step)
+                _hash128(data[i : i + step], seed) & _LOW64 for i in range(0, len(self.chained) * step, step)
             )
         return self._content
 
@@ -83,7 +87,7 @@ class ChunkHashes:
 def model_seed(model: str, cache_salt: str | None = None) -> int:
     """The 64-bit root of every chain for this model (and salt): parent of the first chunk."""
     key = model if cache_salt is None else f"{model}\x00salt\x00{cache_salt}"
-    return _hash128(key.encode("utf-8", "surrogatepass"), 0)[0]
+    return _hash128(key.encode("utf-8", "surrogatepass"), 0) & _LOW64
 
 
 def _encode(source: str | Sequence[int]) -> bytes:
@@ -108,7 +112,7 @@ def _chain(data: bytes, chunk_bytes: int, root: int) -> tuple[int, ...]:
     append = out.append
     parent = root
     for i in range(0, len(data) - chunk_bytes + 1, chunk_bytes):
-        parent ^= _hash128(data[i : i + chunk_bytes], parent & 0xFFFFFFFF)[0]
+        parent ^= _hash128(data[i : i + chunk_bytes], parent & 0xFFFFFFFF) & _LOW64
         append(parent)
     return tuple(out)
 

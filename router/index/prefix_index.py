@@ -29,9 +29,15 @@ first chunk, e = entries evicted:
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import filterfalse, repeat
+
+
+def _consume(calls: Iterator[object]) -> None:
+    """Run a lazy iterator of calls to the end in C (itertools' `consume` recipe)."""
+    deque(calls, maxlen=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +137,19 @@ class PrefixIndex:
         lru = entries.lru
         bit = entries.bit
         holders = self._holders
-        for h in reversed(hashes if isinstance(hashes, Sequence) else list(hashes)):
-            if h in lru:
-                lru.move_to_end(h)
-                lru[h] = epoch
-            else:
+        chain = hashes if isinstance(hashes, Sequence) else list(hashes)
+        # Every routed request lands here with its whole prompt, most of it usually held already, so
+        # the refresh runs in C (filterfalse / map / deque over bound methods) and Python only touches
+        # new entries: a held 128-chunk prompt costs ~20 us against ~30 us chunk by chunk (timeit).
+        for h in list(filterfalse(lru.__contains__, chain)):
+            if h not in lru:  # a chain can repeat a hash (a 64-bit collision): add it once
                 lru[h] = epoch
                 holders[h] = self._intern(holders.get(h, 0) | bit)
+        # Moving each hash to the end, last chunk first, leaves the chain in exactly that LRU order
+        # whatever order it was in, new entries included.
+        _consume(map(lru.move_to_end, reversed(chain)))
+        if self.ttl_s is not None:  # the epoch is read by `expire` only
+            lru.update(zip(chain, repeat(epoch)))
         self._evict_over_capacity(entries)
 
     def remove(self, replica: str, hashes: Iterable[int]) -> int:

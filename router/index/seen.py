@@ -38,8 +38,10 @@ class SeenChunks:
 
     def match_and_add(self, chained: Sequence[int]) -> int:
         """How many leading chunks of `chained` were seen before; then remember them all."""
-        matched, counting = 0, True
         young, old = self._young, self._old
+        if young.issuperset(chained):  # all seen lately (a repeated prefix): one C call, nothing to add
+            return len(chained)
+        matched, counting = 0, True
         for h in chained:
             if counting and (h in young or h in old):
                 matched += 1

@@ -162,6 +162,14 @@ def test_ttl_expiry_forgets_only_old_entries() -> None:
     assert PrefixIndex().expire(1e9) == 0
 
 
+def test_inserting_again_refreshes_the_ttl_of_entries_already_held() -> None:
+    index = PrefixIndex(ttl_s=120.0)
+    index.insert("a", [1, 2, 3], 0.0)
+    index.insert("a", [1, 2], 100.0)  # held already: only their time moves
+    assert index.expire(125.0) == 1
+    assert index.longest_match([1, 2, 3]) == {"a": 2}
+
+
 @pytest.mark.parametrize("bad", [0, -5])
 def test_capacity_must_be_positive(bad: int) -> None:
     with pytest.raises(ValueError):

@@ -98,6 +98,34 @@ def test_seen_chunks_counts_a_seen_prefix_and_stays_bounded() -> None:
     assert seen.match_and_add([199]) == 1  # recent
 
 
+class TwoGenerations:
+    """SeenChunks' documented rule, chunk by chunk: the model its shortcuts must agree with."""
+
+    def __init__(self, capacity: int) -> None:
+        self.half, self.young, self.old = capacity // 2, set[int](), set[int]()
+
+    def match_and_add(self, chained: list[int]) -> int:
+        matched, counting = 0, True
+        for h in chained:
+            counting = counting and (h in self.young or h in self.old)
+            matched += counting
+            if h not in self.young:
+                self.young.add(h)
+                if len(self.young) >= self.half:
+                    self.old, self.young = self.young, set()
+        return matched
+
+
+@given(
+    st.integers(min_value=2, max_value=12),
+    st.lists(st.lists(st.integers(min_value=0, max_value=15), max_size=8), max_size=40),
+)
+def test_seen_chunks_agrees_with_its_rule_chunk_by_chunk(capacity: int, prompts: list[list[int]]) -> None:
+    seen, model = SeenChunks(capacity=capacity), TwoGenerations(capacity)
+    for chained in prompts:
+        assert seen.match_and_add(chained) == model.match_and_add(chained)
+
+
 # -- /metrics parsing ---------------------------------------------------------------------------------
 
 
