@@ -25,6 +25,22 @@ extras above, and at the top `sim_command`: the `kvrouter sim` run of the very s
 count, preset, output length), to compare with (`kvrouter sim ... --compare-live FILE`). With
 --report DIR: table.md, ttft_cdf.png, hit_rate.png and inflight.png.
 
+Repeated measurements (--rounds R, default 1): round r (0-based) runs every row again, each on a
+fresh fleet, with the workload seeded `--seed + r`; rows run round-major (every row of round 0, then
+every row of round 1, ...), so that the shared machine's slow drift touches every row alike. With
+R > 1 each row's entry in `results` holds the MEDIAN over the rounds it ran of every numeric figure
+(`median_of_rounds`: those rounds), its other fields (`requests_per_replica`, `inflight_over_time`,
+`command`; the TTFT CDF too) from one round (`series_from_round`: the first that ran; `notes` from all),
+`seeds`, and `rounds`: the figures of each round, numbers only (with `error` where it failed; the
+failures again in `failures`). A row that failed in every round keeps its `error` as with one round.
+At the top, `paired`: per row and round the ratio of its `ttft_mean_s` to the reference row's (the
+first of --policies) and the difference of their `hit_rate`s, and the median, min and max of those
+over the rounds where both ran; pairing by round cancels the workload's seed-to-seed variation, so
+"A ties B within noise" reads from the spread of A/B, not from two single runs. Also `rounds`, `seeds`,
+`requests_per_round`, `workload_digests` and `sim_commands` (one per round); `requests`, `seed`,
+`offered_rate`, `workload_digest` and `sim_command` stay round 0's. The table shows the medians, and for
+hit and TTFT mean `median (min-max)` over rounds, then the paired table.
+
 Defaults: the `demo` preset (llama-8b-h100 slowed 4x, load/demo.py: a load that one Python process
 on 2 cores can drive still queues), 16 output tokens, and the workload's default rate (round robin
 at 1.2x the fleet's capacity, load/workloads/base.py) capped at MAX_DEFAULT_RATE, the most this
@@ -50,7 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from load.peers import PEER_SPECS, Target, add_peer_arguments
-from load.report import format_table, percentile, plot_results, summarize
+from load.report import format_table, layout_table, percentile, plot_results, summarize
 from load.sim_vs_live import workload_digest
 from load.workloads import WORKLOADS, make_workload, workload_spec
 from workers.engine import PRESETS, Preset, get_preset
@@ -90,6 +106,16 @@ def register(commands: Any) -> None:
         "--preset", default="demo", choices=["demo", *sorted(PRESETS)], help="engine preset (default demo)"
     )
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="R",
+        help="run every row R times, round r with seed --seed + r, round-major (default 1); with R > 1 "
+        "each figure is the median over rounds (per-round figures in `rounds`), the table shows "
+        "median (min-max) for hit and TTFT mean, and `paired` gives each row's per-round TTFT-mean "
+        "ratio and hit-rate difference to the first --policies row, with median, min and max",
+    )
     parser.add_argument("--json", type=Path, required=True, help="write the results as JSON here")
     parser.add_argument("--report", type=Path, help="write table.md and PNG plots into this folder")
     parser.set_defaults(func=run)
@@ -211,6 +237,7 @@ async def run_row(
     logs: Path,
     started: list[Target],
     give_up: threading.Event,
+    label: str | None = None,
 ) -> RowRun:
     """One row: a fresh fleet, its router started, the workload driven through it, both stopped."""
     import aiohttp
@@ -266,7 +293,7 @@ async def run_row(
                     requests,
                     concurrency=512,
                     deadline_s=duration_s + 60.0,
-                    progress=progress_line(row.spec, t0),
+                    progress=progress_line(label or row.spec, t0),
                 )
             finally:
                 sampler.cancel()
@@ -335,6 +362,172 @@ def row_figures(row: Row, run: RowRun, logical: Mapping[str, int], names: Sequen
     return {**head, **figures}
 
 
+# ---------------------------------------------------------------- rounds
+
+RANGE_KEYS = ("hit_rate", "ttft_mean_s")  # the table's `median (min-max)` cells with --rounds
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _median(values: Sequence[float]) -> float:
+    """The median of the finite values (NaN when there is none)."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return math.nan
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+
+
+def round_numbers(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's numeric figures of one round (no series, no per-replica maps, no strings)."""
+    return {key: value for key, value in figures.items() if _is_number(value)}
+
+
+def median_over_rounds(by_round: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """One row's entry for R > 1 rounds, from its entries of each round (`row_figures`), in order.
+
+    Every numeric figure is the median over the rounds that ran (no `error`); the other fields come
+    from the first of them (`series_from_round`), `notes` from all; `rounds` holds each round's
+    numbers (and `error` where it failed), `failures` the failed rounds. A row that failed in every
+    round is round 0's entry, its `error` included, plus `seeds`, `rounds` and `failures`."""
+    per_round: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for r, (figures, seed) in enumerate(zip(by_round, seeds, strict=True)):
+        per_round.append({"round": r, "seed": seed, **round_numbers(figures)})
+        if "error" in figures:
+            per_round[-1]["error"] = figures["error"]
+            failures.append({"round": r, "seed": seed, "error": figures["error"]})
+    extra: dict[str, Any] = {"seeds": list(seeds), "rounds": per_round}
+    if failures:
+        extra["failures"] = failures
+    ran = [r for r, figures in enumerate(by_round) if "error" not in figures]
+    if not ran:
+        return {**by_round[0], **extra}
+    out: dict[str, Any] = {}
+    keys = list(by_round[ran[0]])
+    keys += [k for r in ran[1:] for k in by_round[r] if k not in keys]
+    for key in dict.fromkeys(keys):
+        values = [by_round[r][key] for r in ran if key in by_round[r]]
+        if all(_is_number(v) for v in values):
+            out[key] = _median(values)
+        elif key in by_round[ran[0]]:
+            out[key] = by_round[ran[0]][key]
+    notes = list(dict.fromkeys(n for figures in by_round for n in figures.get("notes", ())))
+    if notes:
+        out["notes"] = notes
+    return {**out, "median_of_rounds": ran, "series_from_round": ran[0], **extra}
+
+
+def _spread(values: Sequence[float | None]) -> dict[str, Any]:
+    known = [v for v in values if v is not None]
+    return {
+        "per_round": list(values),
+        "median": _median(known) if known else None,
+        "min": min(known) if known else None,
+        "max": max(known) if known else None,
+    }
+
+
+def _finite(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def paired_figures(by_round: Sequence[Mapping[str, Mapping[str, Any]]], reference: str) -> dict[str, Any]:
+    """Per row, per round: its `ttft_mean_s` over the reference row's in the same round (same seed,
+    same requests) and its `hit_rate` minus the reference's; None where either did not run. With the
+    median, min and max of each over the rounds where both ran."""
+    rows: dict[str, Any] = {}
+    for spec in by_round[0]:
+        ratios: list[float | None] = []
+        diffs: list[float | None] = []
+        for results in by_round:
+            row, ref = results[spec], results[reference]
+            ran = "error" not in row and "error" not in ref
+            ttft, ref_ttft = _finite(row.get("ttft_mean_s")), _finite(ref.get("ttft_mean_s"))
+            hit, ref_hit = _finite(row.get("hit_rate")), _finite(ref.get("hit_rate"))
+            if ran and ttft is not None and ref_ttft is not None and ref_ttft > 0:
+                ratios.append(ttft / ref_ttft)
+            else:
+                ratios.append(None)
+            diffs.append(hit - ref_hit if ran and hit is not None and ref_hit is not None else None)
+        rows[spec] = {"ttft_mean_ratio": _spread(ratios), "hit_rate_diff": _spread(diffs)}
+    return {
+        "reference": reference,
+        "pairing": "per round (same seed, same requests): ttft_mean_ratio = row / reference, "
+        "hit_rate_diff = row - reference; median, min and max over the rounds where both ran",
+        "rows": rows,
+    }
+
+
+def round_ranges(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per row, the min and max over the rounds it ran of the figures shown with a range (RANGE_KEYS)."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for spec, figures in results.items():
+        ran = set(figures.get("median_of_rounds", ()))
+        spread: dict[str, tuple[float, float]] = {}
+        for key in RANGE_KEYS:
+            values = [
+                v
+                for rd in figures.get("rounds", ())
+                if rd["round"] in ran and (v := _finite(rd.get(key))) is not None
+            ]
+            if values:
+                spread[key] = (min(values), max(values))
+        out[spec] = spread
+    return out
+
+
+def format_paired(paired: Mapping[str, Any], *, markdown: bool) -> str:
+    """Each row against the reference, paired by round: `median (min-max)` of the TTFT-mean ratio,
+    and of the hit-rate difference, and how many rounds paired."""
+    ref = paired["reference"]
+    rows = [["row", f"TTFT mean / {ref}", f"hit - {ref}", "rounds"]]
+    for spec, row in paired["rows"].items():
+        ratio, diff = row["ttft_mean_ratio"], row["hit_rate_diff"]
+        n = sum(v is not None for v in ratio["per_round"])
+        cells = [spec]
+        for s, fmt, sep in ((ratio, "{:.3f}", "-"), (diff, "{:+.3f}", " to ")):
+            if s["median"] is None:
+                cells.append("-")
+            else:
+                lo, hi = fmt.format(s["min"]), fmt.format(s["max"])
+                cells.append(f"{fmt.format(s['median'])} ({lo}{sep}{hi})")
+        cells.append(f"{n}/{len(ratio['per_round'])}")
+        rows.append(cells)
+    return layout_table(rows, markdown=markdown)
+
+
+def format_tables(report: Mapping[str, Any], *, markdown: bool = False) -> str:
+    """The results table; with R > 1 rounds, medians with ranges, then the paired table."""
+    results = report["results"]
+    rounds = report.get("rounds", 1)
+    if rounds == 1:
+        return format_table(results, markdown=markdown)
+    seeds = report["seeds"]
+    return "\n".join(
+        [
+            f"median of {rounds} rounds (seeds {seeds[0]}-{seeds[-1]}); hit and TTFT mean: median (min-max)",
+            "",
+            format_table(results, markdown=markdown, ranges=round_ranges(results)),
+            "",
+            f"paired by round against {report['paired']['reference']}: median (min-max) over rounds",
+            "",
+            format_paired(report["paired"], markdown=markdown),
+        ]
+    )
+
+
+def failed(figures: Mapping[str, Any]) -> bool:
+    """Whether a row failed or lost requests, in any round."""
+    if "error" in figures or figures.get("errors"):
+        return True
+    return any("error" in rd or rd.get("errors") for rd in figures.get("rounds", ()))
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -362,6 +555,15 @@ def sim_command(
     return shlex.join(args)
 
 
+@dataclass(frozen=True, slots=True)
+class RoundWorkload:
+    """One round's requests: its seed, the requests and each one's logical cached tokens."""
+
+    seed: int
+    requests: list[WorkloadRequest]
+    logical: dict[str, int]
+
+
 async def bench(
     workload: str,
     specs: Sequence[str],
@@ -375,8 +577,10 @@ async def bench(
     preset_name: str,
     seed: int,
     started: list[Target],
+    rounds: int = 1,
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """The JSON report (sim schema + live extras) and the TTFTs per row."""
+    """The JSON report (sim schema + live extras; with rounds > 1 the medians, per-round figures and
+    `paired`) and the TTFTs per row (with rounds > 1, of each row's `series_from_round`)."""
     from load.live import to_records
     from load.sim import prepare
 
@@ -387,22 +591,33 @@ async def bench(
             MAX_DEFAULT_RATE,
             workload_spec(workload, params).default_rate(replicas, service_s=preset.service_s),
         )
-    requests = make_workload(
-        workload, seed=seed, replicas=replicas, rate=rate, duration_s=duration_s, model=MODEL, params=params
-    )
-    if not requests:
-        raise ValueError("the workload produced no request: raise --duration or --rate")
-    logical = {p.source.request_id: p.logical_cached_tokens for p in prepare(requests, preset.block_size)}
+    workloads: list[RoundWorkload] = []
+    for r in range(rounds):
+        made = make_workload(
+            workload,
+            seed=seed + r,
+            replicas=replicas,
+            rate=rate,
+            duration_s=duration_s,
+            model=MODEL,
+            params=params,
+        )
+        if not made:
+            raise ValueError("the workload produced no request: raise --duration or --rate")
+        logical = {p.source.request_id: p.logical_cached_tokens for p in prepare(made, preset.block_size)}
+        workloads.append(RoundWorkload(seed + r, made, logical))
+    requests = workloads[0].requests
     rows = rows_for(specs, peers)
     span = requests[-1].arrival_s - requests[0].arrival_s
+    repeat = f", {rounds} rounds (seeds {seed}-{seed + rounds - 1})" if rounds > 1 else ""
     print(
         f"bench live: {workload}, {len(requests)} requests at {rate:.2f} req/s over {duration_s:g} s, "
-        f"{replicas} x {preset.name}, rows {', '.join(r.spec for r in rows)}",
+        f"{replicas} x {preset.name}, rows {', '.join(r.spec for r in rows)}{repeat}",
         file=sys.stderr,
     )
     names = [f"replica-{i}" for i in range(replicas)]
-    results: dict[str, Any] = {}
-    ttfts: dict[str, list[float]] = {}
+    by_round: list[dict[str, Any]] = [{} for _ in workloads]
+    ttfts_by_round: list[dict[str, list[float]]] = [{} for _ in workloads]
     give_up = threading.Event()
     # SIGTERM ends the run as Ctrl-C does: the running row's `finally` stops its router and fleet.
     loop = asyncio.get_running_loop()
@@ -411,28 +626,57 @@ async def bench(
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
     with tempfile.TemporaryDirectory(prefix="kvrouter-bench-live-") as logs:
         try:
-            for row in rows:
-                run = await run_row(
-                    row,
-                    requests,
-                    preset=preset,
-                    replicas=replicas,
-                    duration_s=duration_s,
-                    peers_bin=peers_venv / "bin",
-                    logs=Path(logs),
-                    started=started,
-                    give_up=give_up,
-                )
-                results[row.spec] = row_figures(row, run, logical, names)
-                ttfts[row.spec] = [r.ttft_s for r in to_records(run.live, logical)]
-                if "error" in results[row.spec]:
-                    print(f"  {row.spec}: {results[row.spec]['error']}", file=sys.stderr)
+            # Round-major: every row of round 0, then every row of round 1, ...
+            for r, wl in enumerate(workloads):
+                if rounds > 1:
+                    print(
+                        f"round {r + 1}/{rounds}: seed {wl.seed}, {len(wl.requests)} requests",
+                        file=sys.stderr,
+                    )
+                for i, row in enumerate(rows):
+                    label = (
+                        row.spec
+                        if rounds == 1
+                        else f"{r * len(rows) + i + 1}/{rounds * len(rows)} {row.spec}"
+                    )
+                    run = await run_row(
+                        row,
+                        wl.requests,
+                        preset=preset,
+                        replicas=replicas,
+                        duration_s=duration_s,
+                        peers_bin=peers_venv / "bin",
+                        logs=Path(logs),
+                        started=started,
+                        give_up=give_up,
+                        label=label,
+                    )
+                    figures = row_figures(row, run, wl.logical, names)
+                    by_round[r][row.spec] = figures
+                    ttfts_by_round[r][row.spec] = [x.ttft_s for x in to_records(run.live, wl.logical)]
+                    if "error" in figures:
+                        where = f" (round {r + 1}, seed {wl.seed})" if rounds > 1 else ""
+                        print(f"  {row.spec}{where}: {figures['error']}", file=sys.stderr)
         except BaseException:
             give_up.set()  # a readiness wait still running in its thread stops waiting
             raise
         finally:
             loop.remove_signal_handler(signal.SIGTERM)
-    report = {
+    commands = [
+        sim_command(
+            workload,
+            specs,
+            replicas=replicas,
+            preset=preset_name,
+            rate=rate,
+            duration_s=duration_s,
+            requests=len(wl.requests),
+            output_tokens=output_tokens,
+            seed=wl.seed,
+        )
+        for wl in workloads
+    ]
+    report: dict[str, Any] = {
         "workload": workload,
         "replicas": replicas,
         "requests": len(requests),
@@ -445,19 +689,30 @@ async def bench(
         "mode": "live",
         "routers": "each row's router is its own process; fleet and client share this one",
         "workload_digest": workload_digest(requests),
-        "sim_command": sim_command(
-            workload,
-            specs,
-            replicas=replicas,
-            preset=preset_name,
-            rate=rate,
-            duration_s=duration_s,
-            requests=len(requests),
-            output_tokens=output_tokens,
-            seed=seed,
-        ),
-        "results": results,
+        "sim_command": commands[0],
     }
+    if rounds == 1:
+        report["results"] = by_round[0]
+        return report, ttfts_by_round[0]
+    seeds = [wl.seed for wl in workloads]
+    results = {
+        row.spec: median_over_rounds([results[row.spec] for results in by_round], seeds) for row in rows
+    }
+    report.update(
+        {
+            "rounds": rounds,
+            "seeds": seeds,
+            "aggregate": "results: per row the median over the rounds it ran (median_of_rounds) of each "
+            "numeric figure, each round's numbers in `rounds`, other fields from series_from_round; "
+            "requests, seed, offered_rate, workload_digest and sim_command: round 0's",
+            "requests_per_round": [len(wl.requests) for wl in workloads],
+            "workload_digests": [workload_digest(wl.requests) for wl in workloads],
+            "sim_commands": commands,
+            "paired": paired_figures(by_round, specs[0]),
+            "results": results,
+        }
+    )
+    ttfts = {spec: ttfts_by_round[f.get("series_from_round", 0)][spec] for spec, f in results.items()}
     return report, ttfts
 
 
@@ -479,6 +734,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rate is not None and not args.rate > 0:
         print("kvrouter bench live: --rate must be positive", file=sys.stderr)
         return 2
+    if args.rounds < 1:
+        print("kvrouter bench live: --rounds must be >= 1", file=sys.stderr)
+        return 2
     import uvloop
 
     started: list[Target] = []
@@ -496,6 +754,7 @@ def run(args: argparse.Namespace) -> int:
                 preset_name=args.preset,
                 seed=args.seed,
                 started=started,
+                rounds=args.rounds,
             )
         )
     except ValueError as exc:
@@ -508,16 +767,22 @@ def run(args: argparse.Namespace) -> int:
         for target in started:  # the rows stop their own; this catches one a crash left running
             stop(target.proc)
     results = report["results"]
-    print(format_table(results))
-    print(f"simulate the same requests: {report['sim_command']}", file=sys.stderr)
+    print(format_tables(report))
+    if args.rounds == 1:
+        print(f"simulate the same requests: {report['sim_command']}", file=sys.stderr)
+    else:
+        for seed, command in zip(report["seeds"], report["sim_commands"], strict=True):
+            print(f"simulate the same requests (seed {seed}): {command}", file=sys.stderr)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
     if args.report is not None:
         title = f"{args.workload}, {args.replicas} replicas (live)"
+        if args.rounds > 1:
+            title = f"{args.workload}, {args.replicas} replicas (live, {args.rounds} rounds)"
         args.report.mkdir(parents=True, exist_ok=True)
         table = args.report / "table.md"
-        table.write_text(format_table(results, markdown=True) + "\n")
+        table.write_text(format_tables(report, markdown=True) + "\n")
         written = [table, *plot_results(ttfts, results, args.report, title=title)]
         series = {s: f["inflight_over_time"] for s, f in results.items() if "inflight_over_time" in f}
         if series:
@@ -526,4 +791,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}", file=sys.stderr)
     # Only kvrouter's own rows decide the exit status: a peer that cannot run is reported, not fatal.
     ours = [f for f in results.values() if f["router"] == "kvrouter"]
-    return 1 if any("error" in f or f.get("errors") for f in ours) else 0
+    return 1 if any(failed(f) for f in ours) else 0

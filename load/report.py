@@ -108,8 +108,16 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table(results: Mapping[str, Mapping[str, Any]], *, markdown: bool = False) -> str:
-    """A side-by-side table, one row per policy (plain text, or markdown for docs/BENCHMARKS.md)."""
+def format_table(
+    results: Mapping[str, Mapping[str, Any]],
+    *,
+    markdown: bool = False,
+    ranges: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+) -> str:
+    """A side-by-side table, one row per policy (plain text, or markdown for docs/BENCHMARKS.md).
+
+    `ranges` (policy -> figure -> (min, max)), where given, follows a figure's value in its cell as
+    `value (min-max)`: `kvrouter bench live --rounds` shows medians with their spread over rounds."""
     header = ["policy", *(title for _, title, _ in TABLE_COLUMNS)]
     rows = [header]
     notes: list[str] = []
@@ -119,20 +127,30 @@ def format_table(results: Mapping[str, Mapping[str, Any]], *, markdown: bool = F
             continue
         if "error" in figures:  # it ran, then failed (a crash mid-run): its figures, and why they stop
             notes.append(f"{spec}: {figures['error']}")
+        spread = (ranges or {}).get(spec, {})
         cells = [spec]
         for key, _, fmt in TABLE_COLUMNS:
             value = figures.get(key)
-            cells.append(
-                "-"
-                if value is None or (isinstance(value, float) and math.isnan(value))
-                else fmt.format(value)
-            )
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("-")
+                continue
+            cell = fmt.format(value)
+            if key in spread:
+                lo, hi = spread[key]
+                cell += f" ({fmt.format(lo)}-{fmt.format(hi)})"
+            cells.append(cell)
         rows.append(cells)
+    return layout_table(rows, markdown=markdown, notes=notes)
+
+
+def layout_table(rows: Sequence[Sequence[str]], *, markdown: bool, notes: Sequence[str] = ()) -> str:
+    """Rows of cells (the first is the header) as a markdown table, or as plain text with the first
+    column left-aligned and the others right-aligned; `notes` follow the table, one a line."""
     if markdown:
         lines = ["| " + " | ".join(row) + " |" for row in rows]
-        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in rows[0]) + "|")
         return "\n".join([*lines, *(f"\n{note}" for note in notes)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         [
             "  ".join(
@@ -141,7 +159,7 @@ def format_table(results: Mapping[str, Mapping[str, Any]], *, markdown: bool = F
             )
             for row in rows
         ]
-        + notes
+        + list(notes)
     )
 
 
