@@ -250,7 +250,7 @@ def test_independent_routers_place_new_groups_alike() -> None:
     for g in range(24):
         r = text_req(chars(100 + g, 300) + "question")
         decisions = [fleet.route(r, now=float(g)) for fleet in routers]
-        assert decisions[0] == decisions[1] and decisions[0].reason == "ring"
+        assert decisions[0] == decisions[1] and decisions[0].reason in {"ring", "fewest-groups"}
         placements.append(decisions[0].replica)
         for fleet in routers:
             fleet.done(r.request_id, float(g))
@@ -259,9 +259,10 @@ def test_independent_routers_place_new_groups_alike() -> None:
 
 def test_new_groups_go_where_the_fleet_holds_least_until_the_ring_bound() -> None:
     """Resident KV counts as ring load: with `a` holding 8 groups' prefixes and `b` none, new groups go
-    to `b` whatever their hash, until `a` is within the bound (1.25x the mean share: after 5)."""
+    to `b` whatever their hash, until `a` is within the bound (1.25x the mean share: after 5). The ring
+    path, without `group_balance` (tests/unit/test_kvaware_group_balance.py has the rule with it)."""
     fleet = bare_fleet("a", "b")
-    fleet.attach(KvAware())
+    fleet.attach(KvAware(KvAwareParams(group_balance=False)))
     held = [text_req(chars(500 + g, 640)) for g in range(8)]
     for r in held:
         fleet.routed(r, Decision("a", 0, "setup"), now=0.0)
@@ -299,16 +300,21 @@ def test_a_new_groups_follower_finds_its_event_fed_holder_before_the_events() ->
 
 
 @pytest.mark.parametrize(
-    ("busy_by", "kvaware_reason"),
+    ("busy_by", "balance", "kvaware_reason"),
     [
-        ("router-side load", "ring"),  # the ring's load bound already walks past the busy owner
-        ("engine waiting from other clients", "least-ttft"),  # only the TTFT check sees it
+        ("router-side load", False, "ring"),  # the ring's load bound already walks past the busy owner
+        ("engine waiting from other clients", False, "least-ttft"),  # only the TTFT check sees it
+        # With group_balance only replicas within a step of the best TTFT compete: the idle one alone.
+        ("router-side load", True, "least-ttft"),
+        ("engine waiting from other clients", True, "least-ttft"),
     ],
 )
-def test_miss_does_not_go_to_the_busy_small_tree_replica(busy_by: str, kvaware_reason: str) -> None:
+def test_miss_does_not_go_to_the_busy_small_tree_replica(
+    busy_by: str, balance: bool, kvaware_reason: str
+) -> None:
     """SGLang sends a miss to the smallest tree even when that replica is the busy one (anchors.md)."""
     decisions = {}
-    for policy in (KvAware(), Sglang()):
+    for policy in (KvAware(KvAwareParams(group_balance=balance)), Sglang()):
         fleet = bare_fleet("busy", "idle")
         fleet.attach(policy)
         for i in range(6):  # the idle replica served a lot, all finished: a big tree, no load
