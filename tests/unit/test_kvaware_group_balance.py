@@ -170,7 +170,7 @@ def test_a_new_group_skips_a_replica_over_the_load_bound_even_holding_the_fewest
     for i, name in enumerate(("b", "b", "c", "c")):
         serve(fleet, name, chars(70 + i, 640))
     hot = chars(80, 640)
-    for t in range(4):
+    for _ in range(4):
         r = text_req(hot)
         fleet.routed(r, Decision("a", 0, "hot"), now=0.0)
         fleet.first_token(r.request_id, now=0.0)
