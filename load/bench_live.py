@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from load.peers import PEER_SPECS, Target, add_peer_arguments
-from load.report import format_table, layout_table, percentile, plot_results, summarize
+from load.report import add_settle_argument, format_table, layout_table, percentile, plot_results, summarize
+from load.sim import DEFAULT_COPY_BYTES_PER_S
 from load.sim_vs_live import workload_digest
 from load.workloads import WORKLOADS, make_workload, workload_spec
 from workers.engine import PRESETS, Preset, get_preset
@@ -106,6 +107,15 @@ def register(commands: Any) -> None:
         "--preset", default="demo", choices=["demo", *sorted(PRESETS)], help="engine preset (default demo)"
     )
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    parser.add_argument(
+        "--kv-transfer",
+        choices=["warmup", "p2p"],
+        default="warmup",
+        help="how kvrouter's hot-prefix migrations put a prefix on a replica: warmup (a 1-token prefill "
+        "on the target; kvrouter serve's default) or p2p (a KV copy from the holder over the emulator's "
+        "export/import, modeled at the simulator's 25 GB/s: no compute on the target); default warmup",
+    )
+    add_settle_argument(parser)
     parser.add_argument(
         "--rounds",
         type=int,
@@ -238,6 +248,7 @@ async def run_row(
     started: list[Target],
     give_up: threading.Event,
     label: str | None = None,
+    kv_transfer: str = "warmup",
 ) -> RowRun:
     """One row: a fresh fleet, its router started, the workload driven through it, both stopped."""
     import aiohttp
@@ -256,7 +267,12 @@ async def run_row(
     from load.replica_metrics import parse_router_migrations, scrape
     from workers.emulator.fleet import EmulatedFleet
 
-    async with EmulatedFleet(replicas=replicas, preset=preset, model=MODEL, kv_events=True) as fleet:
+    # p2p: the exporter sleeps for the copy at the simulator's link speed instead of sending the bytes
+    # (512 MiB for a 4,096-token prefix of this model would eat the CPU the fleet runs on; p2p.py).
+    bandwidth = DEFAULT_COPY_BYTES_PER_S if kv_transfer == "p2p" else None
+    async with EmulatedFleet(
+        replicas=replicas, preset=preset, model=MODEL, kv_events=True, kv_bandwidth=bandwidth
+    ) as fleet:
         urls = fleet.urls
         if row.router == "kvrouter":
             # max_inflight as `kvrouter demo`'s: the client's own bound (512) governs, not the proxy's.
@@ -264,7 +280,10 @@ async def run_row(
             # Told the replicas' prefill speed, as an operator would: kvaware prices queues with it.
             rate = f"{fleet.preset.prefill_tokens_per_s:g}"
             target = kvrouter_target(
-                row.spec, row.spec, backends, "--max-inflight", "4096", "--prefill-rate", rate
+                row.spec,
+                row.spec,
+                backends,
+                *("--max-inflight", "4096", "--prefill-rate", rate, "--kv-transfer", kv_transfer),
             )
         else:
             sources = KvEventSources(
@@ -315,7 +334,13 @@ async def run_row(
             await asyncio.to_thread(stop, target.proc)
 
 
-def row_figures(row: Row, run: RowRun, logical: Mapping[str, int], names: Sequence[str]) -> dict[str, Any]:
+def row_figures(
+    row: Row,
+    run: RowRun,
+    logical: Mapping[str, int],
+    names: Sequence[str],
+    settle_s: float | None = None,
+) -> dict[str, Any]:
     """The row's figures: client-side from the answers, replica-side from the counters' increase."""
     from load.live import to_records
     from load.replica_metrics import hit_rate, replica_ttft_mean
@@ -325,7 +350,9 @@ def row_figures(row: Row, run: RowRun, logical: Mapping[str, int], names: Sequen
         return {**head, "error": run.target.failure or "no request was sent"}
     records = to_records(run.live, logical)
     busy = {name: d.e2e_seconds for name, d in zip(names, run.deltas, strict=True)}
-    figures = summarize(records, busy, makespan_s=run.elapsed_s, rejected=len(run.live) - len(records))
+    figures = summarize(
+        records, busy, makespan_s=run.elapsed_s, rejected=len(run.live) - len(records), settle_s=settle_s
+    )
     # summarize's hit rate is the answers' cached_tokens; the replicas' own counters are the headline.
     figures["request_hit_rate"] = figures["hit_rate"]
     figures["hit_rate"] = hit_rate(run.deltas)
@@ -542,15 +569,19 @@ def sim_command(
     requests: int,
     output_tokens: int,
     seed: int,
+    kv_transfer: str = "warmup",
+    settle_s: float | None = None,
 ) -> str:
     """The `kvrouter sim` command that simulates exactly the requests bench live sent: the same
     generator bounds (duration and count), rate (repr: every digit), output length, preset and seed;
     and a router that knows what the live one knows: hot-prefix migration by warm-up prefills
     (kvrouter serve's default for a backend) and the preset's prefill speed (`--prefill-rate`, which
-    the simulator's router uses by default)."""
+    the simulator's router uses by default); `--kv-transfer` and `--settle` as given to bench live."""
     args = ["kvrouter", "sim", "--workload", workload, "--replicas", str(replicas), "--preset", preset]
     args += ["--rate", repr(rate), "--duration", f"{duration_s:g}", "--requests", str(requests)]
-    args += ["--output-tokens", str(output_tokens), "--seed", str(seed), "--kv-transfer", "warmup"]
+    args += ["--output-tokens", str(output_tokens), "--seed", str(seed), "--kv-transfer", kv_transfer]
+    if settle_s is not None:
+        args += ["--settle", f"{settle_s:g}"]
     args += ["--policies", ",".join(specs)]
     return shlex.join(args)
 
@@ -578,6 +609,8 @@ async def bench(
     seed: int,
     started: list[Target],
     rounds: int = 1,
+    kv_transfer: str = "warmup",
+    settle_s: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """The JSON report (sim schema + live extras; with rounds > 1 the medians, per-round figures and
     `paired`) and the TTFTs per row (with rounds > 1, of each row's `series_from_round`)."""
@@ -650,8 +683,9 @@ async def bench(
                         started=started,
                         give_up=give_up,
                         label=label,
+                        kv_transfer=kv_transfer,
                     )
-                    figures = row_figures(row, run, wl.logical, names)
+                    figures = row_figures(row, run, wl.logical, names, settle_s)
                     by_round[r][row.spec] = figures
                     ttfts_by_round[r][row.spec] = [x.ttft_s for x in to_records(run.live, wl.logical)]
                     if "error" in figures:
@@ -673,6 +707,8 @@ async def bench(
             requests=len(wl.requests),
             output_tokens=output_tokens,
             seed=wl.seed,
+            kv_transfer=kv_transfer,
+            settle_s=settle_s,
         )
         for wl in workloads
     ]
@@ -686,6 +722,7 @@ async def bench(
         "output_tokens": output_tokens,
         "preset": preset.name,
         "seed": seed,
+        "kv_transfer": kv_transfer,
         "mode": "live",
         "routers": "each row's router is its own process; fleet and client share this one",
         "workload_digest": workload_digest(requests),
@@ -737,6 +774,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         print("kvrouter bench live: --rounds must be >= 1", file=sys.stderr)
         return 2
+    if args.settle is not None and not 0 <= args.settle < args.duration:
+        print("kvrouter bench live: --settle must be >= 0 and less than --duration", file=sys.stderr)
+        return 2
     import uvloop
 
     started: list[Target] = []
@@ -755,6 +795,8 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 started=started,
                 rounds=args.rounds,
+                kv_transfer=args.kv_transfer,
+                settle_s=args.settle,
             )
         )
     except ValueError as exc:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from load.bench_live import output_params, preset_named
-from load.report import format_table, plot_results, summarize
+from load.report import add_settle_argument, format_table, plot_results, summarize
 from load.sim import DEFAULT_COPY_BYTES_PER_S, DEFAULT_SCRAPE_INTERVAL_S, SimConfig, Simulation, prepare
 from load.sim_vs_live import TOLERANCE, compare, format_comparison, workload_digest
 from load.workloads import WORKLOADS, make_workload
@@ -78,6 +78,7 @@ def register(commands: Any) -> None:
         "was not told)",
     )
     parser.add_argument("--seed", type=int, default=0, help="workload and simulation seed (default 0)")
+    add_settle_argument(parser)
     parser.add_argument("--json", type=Path, help="write results as JSON here")
     parser.add_argument("--plots", type=Path, help="write PNG plots (TTFT CDF, hit rate) into this folder")
     parser.add_argument(
@@ -95,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.output_tokens is not None and args.output_tokens < 1:
         print("kvrouter sim: --output-tokens must be positive", file=sys.stderr)
+        return 2
+    if args.settle is not None and not args.settle >= 0:
+        print("kvrouter sim: --settle must be >= 0", file=sys.stderr)
         return 2
     if args.trace is not None and (args.duration is not None or args.output_tokens is not None):
         print("kvrouter sim: --duration and --output-tokens need --workload", file=sys.stderr)
@@ -182,7 +186,11 @@ def run(args: argparse.Namespace) -> int:
 
         outcome = sim.run(prepared, progress)
         figures = summarize(
-            outcome.records, outcome.busy_s, makespan_s=outcome.makespan_s, rejected=outcome.rejected
+            outcome.records,
+            outcome.busy_s,
+            makespan_s=outcome.makespan_s,
+            rejected=outcome.rejected,
+            settle_s=args.settle,
         )
         metrics = [engine.metrics() for engine in sim.engines.values()]
         queries = sum(m.prefix_cache_queries for m in metrics)

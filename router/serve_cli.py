@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,13 @@ def register(commands: Any) -> None:
         "repeat for each replica; adds to the config file's backends",
     )
     p.add_argument(
+        "--kv-transfer",
+        choices=["warmup", "p2p"],
+        help="how hot-prefix migrations put a prefix on a --backend replica: warmup (a 1-token prefill "
+        "on the target, works on any vLLM; the default) or p2p (a KV copy from the holder, the export/"
+        "import of `kvrouter emulate` replicas); lmcache and nixl need keys of their own: use --config",
+    )
+    p.add_argument(
         "--policy",
         metavar="SPEC",
         help=f"routing policy, NAME or NAME:key=value,... (default {d['policy'].default}; the policies are "
@@ -240,7 +248,7 @@ def register(commands: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """The configuration the flags and the file describe (ConfigError if it is unusable)."""
-    backends = [parse_backend_flag(b) for b in args.backend]
+    backends = [replace(parse_backend_flag(b), kv_transfer=args.kv_transfer) for b in args.backend]
     overrides = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()}
     config = build_config(config_path=args.config, backends=backends, overrides=overrides)
     if not config.backends and not config.admin_token:

@@ -1,11 +1,12 @@
 """The configuration of hot-prefix migration (router/config.py): `migration_interval_s`, the controller's
 `hot_prefix` parameters (and their --help example), each backend's `kv_transfer` and the keys its
 mechanisms need (`lmcache_instance_id`, `nixl_host`, `nixl_port`), which pairs of backends can copy
-(router/migration.py `copy_kind`), and the router's `lmcache_controller_url`. Every bad value is a
-ConfigError that names the key."""
+(router/migration.py `copy_kind`), the router's `lmcache_controller_url`, and `kvrouter serve
+--kv-transfer`. Every bad value is a ConfigError that names the key."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
@@ -27,7 +28,7 @@ from router.config import (
 from router.hot_prefix import RENAMED_PARAMS, TUNABLE_PARAMS, HotPrefixParams
 from router.migration import copy_kind, hot_prefix_params
 from router.policies.kvaware import KvAwareParams
-from router.serve_cli import EPILOG
+from router.serve_cli import EPILOG, config_from_args, register
 
 URL = "http://10.0.0.1:8000"
 CONTROLLER = "http://10.0.0.9:9000"
@@ -344,3 +345,31 @@ def test_unknown_backend_key_lists_the_transfer_keys() -> None:
         backend_from_mapping({"name": "a", "url": URL, "instance_id": "x"}, "backends[0]")
     for key in ("kv_transfer", "lmcache_instance_id", "nixl_host", "nixl_port"):
         assert key in str(err.value)
+
+
+# -- kvrouter serve --kv-transfer ----------------------------------------------------------------------
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    register(commands)
+    return parser.parse_args(["serve", *argv])
+
+
+def test_serve_kv_transfer_applies_to_the_flag_backends_only(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(f"backends:\n  - {{name: f, url: '{URL}', kv_transfer: warmup}}\n")
+    flags = ("--backend", f"a={URL}", "--backend", URL, "--kv-transfer", "p2p")
+    args = serve_args("--config", str(path), *flags)
+    transfers = {b.name: b.kv_transfer for b in config_from_args(args).backends}
+    assert transfers == {"f": "warmup", "a": "p2p", "10.0.0.1:8000": "p2p"}
+    # Without the flag a flag backend has none, which means a warm-up (router/migration.py copy_kind).
+    plain = config_from_args(serve_args("--backend", f"a={URL}"))
+    assert [b.kv_transfer for b in plain.backends] == [None]
+
+
+def test_serve_kv_transfer_refuses_kinds_that_need_their_own_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        serve_args("--backend", URL, "--kv-transfer", "lmcache")
+    assert "invalid choice: 'lmcache'" in capsys.readouterr().err
