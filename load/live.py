@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from load.report import RequestRecord
+from load.report import RequestRecord, draw_progress
 from load.workloads import WorkloadRequest
 
 if TYPE_CHECKING:
@@ -247,17 +247,13 @@ def progress_line(label: str, started: float) -> Callable[[int, int], None]:
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
         if now - shown[0] > 0.5 or done == total:
-            shown[0] = now
+            first, shown[0] = shown[0] == 0.0, now
             width = 24
             filled = width * done // max(1, total)
             bar = "#" * filled + "." * (width - filled)
             elapsed = time.perf_counter() - started
-            print(
-                f"\r  {label:<24} [{bar}] {done:>5}/{total} requests {elapsed:5.1f} s",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+            line = f"  {label:<24} [{bar}] {done:>5}/{total} requests {elapsed:5.1f} s"
+            draw_progress(line, keep=first or done == total)
 
     return progress
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,14 @@ def add_settle_argument(parser: argparse.ArgumentParser) -> None:
         "(`ttft_mean_settled_s`, `ttft_p99_settled_s`): the steady state without the cold start, whose "
         "first uncached prefills are the same under every router; the whole-run figures are unchanged",
     )
+
+
+def draw_progress(line: str, *, keep: bool) -> None:
+    """Redraw a run's one progress line on stderr. Where stderr is no terminal (CI logs, a file) only
+    the states marked `keep` (a run's first and last) are written, so that a log holds two states per
+    run instead of hundreds of carriage returns, and still shows when each run began to answer."""
+    if keep or sys.stderr.isatty():
+        print(f"\r{line}", end="", file=sys.stderr, flush=True)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -6,10 +6,12 @@ plus decode) is 1.2x what the fleet can do, so round robin saturates while a pol
 prefixes where they are cached has room to spare.
 
 To predict a live run (`kvrouter bench live`), give the flags its JSON's `sim_command` lists (rate,
---duration and --requests, --output-tokens, --preset demo, --kv-transfer warmup; the router's prefill
-speed is the preset's by default, as bench live tells its kvrouter serve): they generate the very same
-requests and give the simulated router what the live one knows. `--compare-live FILE` then prints how
-far each figure is from the live one (load/sim_vs_live.py) and refuses a live run of other requests.
+--duration and --requests, --output-tokens, --preset demo, and --kv-transfer and --settle as the live
+run had them; the router's prefill speed is the preset's by default, as bench live tells its kvrouter
+serve): they generate the very same requests and give the simulated router what the live one knows.
+`--compare-live FILE` then prints how far each figure is from the live one (load/sim_vs_live.py; with
+the same --settle on both sides, the settled TTFT mean and p99 too) and refuses a live run of other
+requests.
 Besides the shared schema each policy gets `metrics_hit_rate`: the engines' prefix-cache counters
 (hits / queries, what a replica's /metrics reports, and what bench live's `hit_rate` reads).
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from load.bench_live import output_params, preset_named
-from load.report import add_settle_argument, format_table, plot_results, summarize
+from load.report import add_settle_argument, draw_progress, format_table, plot_results, summarize
 from load.sim import DEFAULT_COPY_BYTES_PER_S, DEFAULT_SCRAPE_INTERVAL_S, SimConfig, Simulation, prepare
 from load.sim_vs_live import TOLERANCE, compare, format_comparison, workload_digest
 from load.workloads import WORKLOADS, make_workload
@@ -181,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
         def progress(done: int, total: int, spec: str = spec, shown: list[int] = shown) -> None:
             # Redraw one line at most every 1% of the requests, and never twice for the same count.
             if done != shown[0] and (done - shown[0] >= max(1, total // 100) or done == total):
-                shown[0] = done
-                print(f"\r  {spec:<24} {done:>7}/{total}", end="", file=sys.stderr, flush=True)
+                first, shown[0] = shown[0] == -1, done
+                draw_progress(f"  {spec:<24} {done:>7}/{total}", keep=first or done == total)
 
         outcome = sim.run(prepared, progress)
         figures = summarize(

@@ -6,6 +6,8 @@ Rules:
   them), and a comparison of two different workloads is refused, not computed.
 - A figure is within tolerance when |sim / live - 1| <= TOLERANCE (15%, issue #7): the live run is
   the reference, the simulator the prediction being checked.
+- Runs with `--settle S` on both sides (the same S) also compare TTFT mean and p99 over the arrivals S s
+  after the first (load/report.py `settled_figures`): the steady state a migration is meant to change.
 - Like is compared with like: the live `hit_rate` is read from the replicas' /metrics counters
   (load/replica_metrics.py), so the simulator's side is `metrics_hit_rate`, the same counters of the
   same engine model; TTFT and throughput are per-request figures on both sides.
@@ -30,6 +32,22 @@ FIGURES = (
 )
 
 
+def figures_of(
+    live: Mapping[str, Mapping[str, Any]], sim: Mapping[str, Mapping[str, Any]]
+) -> tuple[tuple[str, str, str], ...]:
+    """FIGURES, and the settled TTFT figures when every row on both sides settled at the same S."""
+    settles = {
+        _number(row.get("settle_s")) for side in (live, sim) for row in side.values() if "error" not in row
+    }
+    if len(settles) != 1 or (settle := settles.pop()) is None:
+        return FIGURES
+    return (
+        *FIGURES,
+        (f"mean after {settle:g} s", "ttft_mean_settled_s", "ttft_mean_settled_s"),
+        (f"p99 after {settle:g} s", "ttft_p99_settled_s", "ttft_p99_settled_s"),
+    )
+
+
 def workload_digest(requests: Sequence[WorkloadRequest]) -> str:
     """A short hash that two runs drove the same requests (ids, arrivals, prompt and output lengths)."""
     h = hashlib.sha256()
@@ -50,11 +68,12 @@ def compare(
     """Per policy present in both (and run live without an error): per figure live, sim, the
     ratio sim/live and whether it is within TOLERANCE (None where either side has no value)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
+    compared = figures_of(live, sim)
     for spec, figures in live.items():
         if spec not in sim or "error" in figures:
             continue
         row: dict[str, dict[str, Any]] = {}
-        for label, live_key, sim_key in FIGURES:
+        for label, live_key, sim_key in compared:
             a, b = _number(figures.get(live_key)), _number(sim[spec].get(sim_key))
             ratio = None
             if a is not None and b is not None:
@@ -71,11 +90,12 @@ def compare(
 
 def format_comparison(comparison: Mapping[str, Mapping[str, Mapping[str, Any]]], *, markdown: bool) -> str:
     """One row per policy, one column per figure: `live / sim (sim/live)`, flagged when beyond 15%."""
-    header = ["policy", *(label for label, _, _ in FIGURES)]
+    labels = list(next(iter(comparison.values()), {label: {} for label, _, _ in FIGURES}))
+    header = ["policy", *labels]
     rows = [header]
     for spec, row in comparison.items():
         cells = [spec]
-        for label, _, _ in FIGURES:
+        for label in labels:
             c = row[label]
             if c["sim_over_live"] is None:
                 cells.append("-")

@@ -19,7 +19,7 @@ from load.replica_metrics import (
     parse_router_migrations,
     replica_ttft_mean,
 )
-from load.sim_vs_live import TOLERANCE, compare, workload_digest
+from load.sim_vs_live import TOLERANCE, compare, format_comparison, workload_digest
 from load.workloads import make_workload
 from router.metrics import RouterMetrics
 from workers.emulator.metrics import ReplicaCollector, RequestStats, make_registry, render
@@ -121,3 +121,21 @@ def test_compare_holds_the_sim_against_live(
         assert cell["sim_over_live"] == (None if ratio is None else pytest.approx(ratio))
     assert out["kvaware"]["TTFT p99"]["within"] is None  # absent on both sides
     assert TOLERANCE == 0.15
+
+
+def test_settled_figures_compare_only_when_both_sides_settled_alike() -> None:
+    def row(settle: float | None, p99: float) -> dict[str, float]:
+        figures = {"ttft_p99_s": 2.0, "ttft_mean_settled_s": p99 / 2, "ttft_p99_settled_s": p99}
+        return figures if settle is None else {**figures, "settle_s": settle}
+
+    out = compare({"kvaware": row(5.0, 0.158)}, {"kvaware": row(5.0, 0.135)})
+    cell = out["kvaware"]["p99 after 5 s"]
+    assert (cell["live"], cell["sim"], cell["within"]) == (0.158, 0.135, True)
+    assert out["kvaware"]["mean after 5 s"]["sim_over_live"] == pytest.approx(0.135 / 0.158)
+    table = format_comparison(out, markdown=True)
+    assert "| p99 after 5 s |" in table.splitlines()[0] and "0.158 / 0.135 (0.85)" in table
+    # a different S on each side, or none on one, is not the same figure: only the whole-run ones
+    for sim_settle in (2.0, None):
+        out = compare({"kvaware": row(5.0, 0.158)}, {"kvaware": row(sim_settle, 0.135)})
+        assert list(out["kvaware"]) == ["hit rate", "TTFT mean", "TTFT p99", "out tok/s"]
+        assert "after" not in format_comparison(out, markdown=False)
