@@ -46,9 +46,19 @@ Rules:
   proxy answers from the backends' `kv_transfer`, router/migration.py; by default every pair can, the
   simulator's single link). So a plan's `mechanism` is the one that runs. Otherwise a WARM-UP prefill is
   planned (if `warmup` is allowed): it recomputes the prefix once on the target, off the critical path of
-  any user request, and the target has headroom by construction, so it is always allowed there.
+  any user request, and the target has headroom by construction.
   (llm-d's draft pulls only above a cached-token lead of 2K-12K tokens; here the threshold follows from
   the link and the target instead of being a constant.)
+- A warm-up the controller plans itself (not one an operator triggers) must pay for its own prefill
+  (`warmup_pays`): only when the best holder's wait in seconds is at least the target's wait plus half
+  the warm-up's prefill (prefix tokens / the target's prefill rate), the wait a request arriving at the
+  target at a uniform time during the warm-up would see. The warm-up is a step as long as a cold
+  prefill that the target's own requests queue behind; relieving a holder whose backlog is shorter
+  costs more than it saves. (Measured on hot-prefix, 4 x `demo`, seeds 0-2, p99 TTFT after 5 s: without
+  the rule warm-ups were worse than no migration at 40 req/s, 0.478 s against 0.275 s on seed 0; with
+  it no point measured is worse than no migration on mean or p99, and a whole warm-up's prefill
+  instead of half blocks the warm-ups that help at 40 req/s, 0.275 s against 0.141 s; docs/BENCHMARKS.md,
+  issue #8.) A copy costs the target no compute and has no such condition.
 - Shrink: holders the controller added are forgotten again (`PrefixIndex.remove` of the prefix), most
   recent first, one per `shrink_after_s`, while the group has been cool that long and it keeps more
   holders than its demand needs: ceil(its share of the fleet's request rate x available replicas x
@@ -142,6 +152,8 @@ RENAMED_PARAMS = {
 # The step unit when the policy's step model is off (`step_base_tokens` 0): its default fixed cost (150
 # prefill-token equivalents, derived in router/policies/kvaware.py's module docstring).
 DEFAULT_STEP_BASE_TOKENS = KvAwareParams().step_base_tokens
+# A request arriving at a uniform time during a warm-up waits half of it on average (`warmup_pays`).
+WARMUP_WAIT_FRACTION = 0.5
 
 _Kind = Literal["number", "number or None", "integer", "bool"]
 # Each tunable field: its kind, its lower bound, and whether the bound itself is allowed. Zero is allowed
@@ -225,6 +237,12 @@ class GroupView:
     hot: bool
     forbidden: bool
     in_flight: tuple[int, ...]
+
+
+def warmup_pays(holder_wait_s: float, target_wait_s: float, plan: MigrationPlan) -> bool:
+    """Whether a warm-up is worth its prefill on the target (module docstring): the group's best holder
+    waits at least as long as a request arriving at the target during the warm-up would, on average."""
+    return holder_wait_s >= target_wait_s + WARMUP_WAIT_FRACTION * plan.estimated_s
 
 
 def copy_min_tokens(params: HotPrefixParams, target_prefill_tokens_per_s: float) -> float:
@@ -438,8 +456,11 @@ class HotPrefixController:
             return None
         sources = sorted(holders, key=lambda h: (waits[h], h))
         plan = self._make_plan(g, target, sources, fleet, now, "hot")
-        if plan is not None:
-            self._start(plan, g, now)
+        if plan is None:
+            return None
+        if plan.mechanism == "warmup" and not warmup_pays(waits[sources[0]], waits[target], plan):
+            return None
+        self._start(plan, g, now)
         return plan
 
     def _pick_target(

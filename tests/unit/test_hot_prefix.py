@@ -348,15 +348,45 @@ def test_warmup_when_copy_cannot_pay_and_when_no_link() -> None:
     for p in (params(copy_bytes_per_s=None), params(copy_bytes_per_s=1e6), params(copy_overhead_s=1.0)):
         c = HotPrefixController(p)
         route_group(f, c, "a", 0.0)
-        busy = load(f, "a", 100, 0.0)
+        busy = load(f, "a", 300, 0.0)  # a waits 0.31 s >= b's 0.01 s + half the warm-up's 0.256 s
         (plan,) = c.tick(0.0, f)
         assert (plan.mechanism, plan.source, plan.bytes) == ("warmup", None, 0)
         assert plan.estimated_s == pytest.approx(256 / RATE)
         f.done(busy, 0.0)
     c = HotPrefixController(params(copy_bytes_per_s=None, warmup=False))
     route_group(f, c, "a", 0.0)
+    load(f, "a", 300, 0.0)
+    assert c.tick(0.0, f) == []
+
+
+def test_a_warmup_must_pay_for_its_own_prefill() -> None:
+    """Hot by the thresholds (a waits 11 steps, b 1), but a's 0.11 s backlog is shorter than b's 0.01 s
+    wait plus half the 0.256 s warm-up: no warm-up. A copy (0.036 s, no compute on b) is planned at once,
+    the warm-up once a's backlog outgrows it (0.15 s >= 0.138 s; a whole warm-up, 0.266 s, would still
+    hold it back), and an operator's warm-up is never held back."""
+    f = fleet("a", "b")
+    c = HotPrefixController(params(copy_bytes_per_s=None))
+    route_group(f, c, "a", 0.0)
+    load(f, "a", 100, 0.0)
+    assert c.tick(0.0, f) == [] and c.groups(f, 0.0)[0].hot
+    plan = c.plan_manual(c.groups(f, 0.0)[0].group, "b", f, 0.0)
+    assert (plan.reason, plan.mechanism) == ("manual", "warmup")
+
+    f = fleet("a", "b")
+    c = HotPrefixController(params(copy_bytes_per_s=None))
+    route_group(f, c, "a", 0.0)
     load(f, "a", 100, 0.0)
     assert c.tick(0.0, f) == []
+    load(f, "a", 40, 0.0)  # a now waits 0.15 s >= 0.01 + 0.256 / 2
+    (plan,) = c.tick(0.0, f)
+    assert (plan.mechanism, plan.target) == ("warmup", "b")
+
+    f = fleet("a", "b")
+    c = HotPrefixController(params())
+    route_group(f, c, "a", 0.0)
+    load(f, "a", 100, 0.0)
+    (plan,) = c.tick(0.0, f)
+    assert plan.mechanism == "copy"
 
 
 def test_target_needs_free_kv() -> None:
@@ -409,12 +439,13 @@ def test_manual_plan_and_timeout() -> None:
 
 
 def two_holders(c: HotPrefixController) -> Fleet:
-    """The group held by "a" (the lighter-loaded, wait 11 steps) and "b" (21 steps); "c" idle (1)."""
+    """The group held by "a" (the lighter-loaded, wait 31 steps: long enough for a warm-up to pay) and
+    "b" (41 steps); "c" idle (1)."""
     f = fleet("a", "b", "c")
     route_group(f, c, "a", 0.0)
     route_group(f, c, "b", 0.0)
-    load(f, "a", 100, 0.0)
-    load(f, "b", 200, 0.0)
+    load(f, "a", 300, 0.0)
+    load(f, "b", 400, 0.0)
     return f
 
 
