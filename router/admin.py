@@ -13,14 +13,14 @@ Rules:
   `lmcache_controller_url`, or an LMCache instance id or NIXL address another replica has); DELETE
   /admin/replicas/{name}; POST /admin/replicas/{name}/drain (optional body {"draining": false} to
   undrain); GET /admin/index.
-- Hot-prefix migration (only with kvaware and `migration` on; else 404): GET /admin/hot (the hottest
-  groups, keys as strings, the migrations in flight, the controller's `hot_prefix` parameters in
-  force, and `idle_step_s`: each replica's idle engine step in seconds, the unit of the `*_wait_steps`
-  thresholds); POST /admin/migrations {"group": "KEY", "target": NAME} → 202 with the plan, which runs in
-  the background (404 for an unknown group or target, 400 for a forbidden group, a target that
-  already holds it, or a spent budget); POST /admin/hot/{group}/forbid (optional body
-  {"forbidden": false} to allow again). A plan's `mechanism` is the one that runs it, "copy" or
-  "warmup" (the controller knows which backends can copy to which, router/migration.py).
+- Hot-prefix migration (only with kvaware and `migration` on; else 404): GET /admin/hot (the hottest groups,
+  keys as strings, each hot one's `waiting_for` when no migration starts, the migrations in flight, the
+  controller's `hot_prefix` parameters in force, and `idle_step_s`: each replica's idle engine step in
+  seconds, the unit of the `*_wait_steps` thresholds); POST /admin/migrations {"group": "KEY", "target":
+  NAME} → 202 with the plan, which runs in the background (404 for an unknown group or target, 400 for a
+  forbidden group, a target that already holds it, or a spent budget); POST /admin/hot/{group}/forbid
+  (optional body {"forbidden": false} to allow again). A plan's `mechanism` is the one that runs it, "copy"
+  or "warmup" (the controller knows which backends can copy to which, router/migration.py).
 - Replicas added here live until deleted here or a reload's configuration removes that name; a
   reload leaves alone the replicas it never configured.
 """

@@ -88,6 +88,14 @@ if TYPE_CHECKING:
     from router.policies.base import Decision, RequestView
 
 Mechanism = Literal["copy", "warmup"]
+# Why a hot group gets no new migration at a tick (`GroupView.waiting_for`, /admin/hot): forbidden by an
+# operator, one of its own in flight, the fleet-wide budget spent, within its cooldown, at `max_holders`,
+# no replica with headroom and free KV, no copy possible with warm-ups off, or a warm-up that would not
+# pay for its prefill.
+WaitingFor = Literal[
+    "forbidden", "in_flight", "max_concurrent", "cooldown", "max_holders", "no_target", "no_mechanism",
+    "warmup_would_not_pay",
+]  # fmt: skip
 # Whether the backends can copy `tokens` of prefix KV from `source` to `target` (the driver's knowledge).
 CanCopy = Callable[[str, str, int], bool]
 _LN2 = math.log(2.0)
@@ -237,6 +245,7 @@ class GroupView:
     hot: bool
     forbidden: bool
     in_flight: tuple[int, ...]
+    waiting_for: WaitingFor | None  # a hot group's reason for no new migration at the last tick
 
 
 def warmup_pays(holder_wait_s: float, target_wait_s: float, plan: MigrationPlan) -> bool:
@@ -300,6 +309,7 @@ class _Group:
     token_rate: float = 0.0
     updated: float = 0.0
     hot: bool = False
+    waiting_for: WaitingFor | None = None  # why a hot group has no new migration (GroupView)
     cool_since: float | None = None
     last_plan_at: float = -math.inf
     last_shrink_at: float = -math.inf
@@ -413,6 +423,7 @@ class HotPrefixController:
             total_rate += g.request_rate
         plans: list[MigrationPlan] = []
         for g in sorted(self._groups.values(), key=lambda g: -g.request_rate):
+            g.waiting_for = None
             holders = [h for h in fleet.index.holders(g.key) if h in waits]
             if not holders or not g.chain:
                 continue
@@ -442,26 +453,38 @@ class HotPrefixController:
         fleet: Fleet,
         now: float,
     ) -> MigrationPlan | None:
-        p = self.params
-        if (
-            g.key in self._forbidden
-            or len(self._in_flight) >= p.max_concurrent
-            or now - g.last_plan_at < p.cooldown_s
-            or len(holders) >= p.max_holders
-            or any(pl.group == g.key for pl in self._in_flight.values())
-        ):
+        g.waiting_for = self._held_back(g, holders, now)
+        if g.waiting_for is not None:
             return None
         target = self._pick_target(g, holders, waits, steps, fleet)
         if target is None:
+            g.waiting_for = "no_target"
             return None
         sources = sorted(holders, key=lambda h: (waits[h], h))
         plan = self._make_plan(g, target, sources, fleet, now, "hot")
         if plan is None:
+            g.waiting_for = "no_mechanism"
             return None
         if plan.mechanism == "warmup" and not warmup_pays(waits[sources[0]], waits[target], plan):
+            g.waiting_for = "warmup_would_not_pay"
             return None
         self._start(plan, g, now)
         return plan
+
+    def _held_back(self, g: _Group, holders: list[str], now: float) -> WaitingFor | None:
+        """The first rule, in the order below, that keeps a hot group from a new migration now."""
+        p = self.params
+        if g.key in self._forbidden:
+            return "forbidden"
+        if any(pl.group == g.key for pl in self._in_flight.values()):
+            return "in_flight"
+        if len(self._in_flight) >= p.max_concurrent:
+            return "max_concurrent"
+        if now - g.last_plan_at < p.cooldown_s:
+            return "cooldown"
+        if len(holders) >= p.max_holders:
+            return "max_holders"
+        return None
 
     def _pick_target(
         self, g: _Group, holders: list[str], waits: dict[str, float], steps: dict[str, float], fleet: Fleet
@@ -627,6 +650,7 @@ class HotPrefixController:
                     g.hot,
                     g.key in self._forbidden,
                     tuple(pl.plan_id for pl in self._in_flight.values() if pl.group == g.key),
+                    g.waiting_for if g.hot else None,
                 )
             )
         return out

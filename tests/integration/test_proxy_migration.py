@@ -76,6 +76,7 @@ async def test_admin_migration_copies_the_prefix(http: aiohttp.ClientSession) ->
                 hot = await r.json()
             (g,) = hot["groups"]
             assert sorted(g["holders"]) == ["r0", "r1"] and g["added_holders"] == [target]
+            assert (g["hot"], g["waiting_for"]) == (False, None)  # an operator's copy of a cool group
             assert hot["completed"] == 1 and hot["in_flight"] == []
             # The target's engine really holds the prefix now.
             idx = int(target[1:])

@@ -308,6 +308,7 @@ def test_hysteresis_and_cooldown() -> None:
     c.completed(p1.plan_id, f, 0.0, 256)
     load(f, p1.target, 100, 0.0)  # the new holder is overloaded too
     assert c.tick(0.5, f) == []  # within the cooldown
+    assert c.groups(f, 0.5)[0].waiting_for == "cooldown"
     f.done(big, 0.5)
     load(f, "a", 30, 0.5)  # a: 4 steps, between cool 2 and hot 5 -> still hot (b is 11)
     # min holder wait is 4 steps >= cool: stays hot, so after the cooldown it plans the third replica.
@@ -317,7 +318,7 @@ def test_hysteresis_and_cooldown() -> None:
     assert c.groups(f, 1.1)[0].hot
     # c is idle: min holder wait 1 step < cool 2 -> no longer hot.
     assert c.tick(1.2, f) == []
-    assert not c.groups(f, 1.2)[0].hot
+    assert not c.groups(f, 1.2)[0].hot and c.groups(f, 1.2)[0].waiting_for is None
 
 
 def test_budget_and_forbid() -> None:
@@ -332,13 +333,16 @@ def test_budget_and_forbid() -> None:
         c.observe_routed(r, d, 0.0)
     load(f, "a", 100, 0.0)
     assert len(c.tick(0.0, f)) == 1  # two hot groups, budget of one
+    assert sorted(str(v.waiting_for) for v in c.groups(f, 0.0)) == ["None", "max_concurrent"]
     assert c.tick(0.1, f) == []
+    assert sorted(str(v.waiting_for) for v in c.groups(f, 0.1)) == ["in_flight", "max_concurrent"]
     (pending,) = c.in_flight
     c.failed(pending.plan_id, 0.1)
     assert c.failed_count == 1
     for view in c.groups(f, 0.1):
         c.forbid(view.group)
     assert c.tick(5.0, f) == []
+    assert [v.waiting_for for v in c.groups(f, 5.0)] == ["forbidden", "forbidden"]
     with pytest.raises(ValueError, match="forbidden"):
         c.plan_manual(view.group, "b", f, 5.0)
 
@@ -356,7 +360,7 @@ def test_warmup_when_copy_cannot_pay_and_when_no_link() -> None:
     c = HotPrefixController(params(copy_bytes_per_s=None, warmup=False))
     route_group(f, c, "a", 0.0)
     load(f, "a", 300, 0.0)
-    assert c.tick(0.0, f) == []
+    assert c.tick(0.0, f) == [] and c.groups(f, 0.0)[0].waiting_for == "no_mechanism"
 
 
 def test_a_warmup_must_pay_for_its_own_prefill() -> None:
@@ -368,7 +372,9 @@ def test_a_warmup_must_pay_for_its_own_prefill() -> None:
     c = HotPrefixController(params(copy_bytes_per_s=None))
     route_group(f, c, "a", 0.0)
     load(f, "a", 100, 0.0)
-    assert c.tick(0.0, f) == [] and c.groups(f, 0.0)[0].hot
+    assert c.tick(0.0, f) == []
+    (view,) = c.groups(f, 0.0)
+    assert view.hot and view.waiting_for == "warmup_would_not_pay"
     plan = c.plan_manual(c.groups(f, 0.0)[0].group, "b", f, 0.0)
     assert (plan.reason, plan.mechanism) == ("manual", "warmup")
 
@@ -395,7 +401,7 @@ def test_target_needs_free_kv() -> None:
     f.update_engine_metrics("b", now=0.0, num_gpu_blocks=10, block_size=16)  # 160 tokens < 256
     route_group(f, c, "a", 0.0)
     load(f, "a", 100, 0.0)
-    assert c.tick(0.0, f) == []
+    assert c.tick(0.0, f) == [] and c.groups(f, 0.0)[0].waiting_for == "no_target"
 
 
 def test_shrink_forgets_added_holders_when_cool() -> None:
