@@ -79,7 +79,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from router.policies.kvaware import KvAwareParams, group_key, step_tokens
 
@@ -96,6 +96,7 @@ WaitingFor = Literal[
     "forbidden", "in_flight", "max_concurrent", "cooldown", "max_holders", "no_target", "no_mechanism",
     "warmup_would_not_pay",
 ]  # fmt: skip
+WAITING_REASONS: tuple[WaitingFor, ...] = get_args(WaitingFor)
 # Whether the backends can copy `tokens` of prefix KV from `source` to `target` (the driver's knowledge).
 CanCopy = Callable[[str, str, int], bool]
 _LN2 = math.log(2.0)
@@ -628,6 +629,15 @@ class HotPrefixController:
     def hot_count(self) -> int:
         """Groups hot now (the router_hot_groups gauge)."""
         return sum(1 for g in self._groups.values() if g.hot)
+
+    def waiting_counts(self) -> dict[WaitingFor, int]:
+        """Hot groups by why they got no new migration at the last tick, every reason present (the
+        router_hot_groups_waiting gauge)."""
+        counts = dict.fromkeys(WAITING_REASONS, 0)
+        for g in self._groups.values():
+            if g.hot and g.waiting_for is not None:
+                counts[g.waiting_for] += 1
+        return counts
 
     @property
     def in_flight(self) -> list[MigrationPlan]:

@@ -8,7 +8,8 @@ Rules:
   removed replica are deleted with it), `reason` of retries from `RETRY_REASONS`, `outcome` of
   migrations from `MIGRATION_OUTCOMES`, `reason` of tokenization failures from the tokenizer's
   `FAILURE_REASONS`, KV-event `type` from `EVENT_TYPES` and `reason` from `RESYNC_REASONS` /
-  `SKIP_REASONS`; `router_hot_groups` is a count, with no per-group label.
+  `SKIP_REASONS`, `reason` of hot groups waiting from `WAITING_REASONS`; `router_hot_groups` is a count,
+  with no per-group label.
 - Names follow Prometheus' conventions (what `promtool check metrics` checks): `router_` prefix,
   counters end in `_total`, units in the name (`_seconds`, `_tokens`).
 - Fleet-derived gauges (in-flight per replica, health, index entries) are set from the Fleet at
@@ -29,11 +30,14 @@ logical - physical is the tax: prefills the fleet recomputed although the prefix
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from router.fleet import Fleet
+from router.hot_prefix import WAITING_REASONS
 from router.index.event_indexer import EVENT_TYPES, SKIP_REASONS
 from router.index.seen import SeenChunks
 from router.tokenize import FAILURE_REASONS as TOKENIZE_FAILURE_REASONS
@@ -50,6 +54,17 @@ E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.
 RESYNC_REASONS = ("restart", "no_replay", "replay_incomplete", "replay_failed")
 # Tokenization before routing: tens of µs (a short prompt, locally) to the replica timeout (1 s).
 TOKENIZE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+_Labelled = TypeVar("_Labelled", Counter, Gauge)
+
+
+def with_series(metric: _Labelled, values: Iterable[str]) -> _Labelled:
+    """`metric` (one label) with a series for each of its fixed label `values` from the start, so a
+    dashboard sees zeros rather than no data before the first event of a kind."""
+    for value in values:
+        metric.labels(value)
+    return metric
 
 
 class RouterMetrics:
@@ -151,14 +166,15 @@ class RouterMetrics:
             registry=r,
         )
 
-        self.migrations = Counter(
-            "router_migrations_total",
-            "Hot-prefix migrations, by outcome (started, completed, failed)",
-            ["outcome"],
-            registry=r,
+        self.migrations = with_series(
+            Counter(
+                "router_migrations_total",
+                "Hot-prefix migrations, by outcome (started, completed, failed)",
+                ["outcome"],
+                registry=r,
+            ),
+            MIGRATION_OUTCOMES,
         )
-        for outcome in MIGRATION_OUTCOMES:
-            self.migrations.labels(outcome)
         self.migration_bytes = Counter(
             "router_migration_bytes_total", "KV bytes copied by completed hot-prefix migrations", registry=r
         )
@@ -170,6 +186,15 @@ class RouterMetrics:
         )
         self.hot_groups = Gauge(
             "router_hot_groups", "Prefix groups the hot-prefix controller marks hot", registry=r
+        )
+        self.hot_groups_waiting = with_series(
+            Gauge(
+                "router_hot_groups_waiting",
+                "Hot prefix groups that got no new migration at the last tick, by why",
+                ["reason"],
+                registry=r,
+            ),
+            WAITING_REASONS,
         )
 
         # KV events (router/kv_subscriber.py); `replica` from the fleet, `type`/`reason` fixed sets.
@@ -220,14 +245,15 @@ class RouterMetrics:
             buckets=TOKENIZE_BUCKETS,
             registry=r,
         )
-        self.tokenize_failures = Counter(
-            "router_tokenize_failures_total",
-            "Token-precise mode: requests that could not be tokenized and were hashed as text, by reason",
-            ["reason"],
-            registry=r,
+        self.tokenize_failures = with_series(
+            Counter(
+                "router_tokenize_failures_total",
+                "Token-precise mode: requests that could not be tokenized and were hashed as text, by reason",
+                ["reason"],
+                registry=r,
+            ),
+            TOKENIZE_FAILURE_REASONS,
         )
-        for reason in TOKENIZE_FAILURE_REASONS:
-            self.tokenize_failures.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

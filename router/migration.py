@@ -25,7 +25,8 @@ Rules:
   run is bounded by `migration_timeout_s` and no exception leaves the task, so the tick loop goes on
   and the group waits out the controller's `cooldown_s` before its next plan.
 - Metrics: `router_migrations_total{outcome}` (started, completed, failed), `router_migration_bytes_total`,
-  `router_migration_duration_seconds`, `router_hot_groups` (set at every tick).
+  `router_migration_duration_seconds`, `router_hot_groups` and `router_hot_groups_waiting{reason}` (set
+  at every tick).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class MigrationRunner:
         for plan in self.controller.tick(self.clock(), self.fleet):
             self.launch(plan)
         self.metrics.hot_groups.set(self.controller.hot_count())
+        for reason, count in self.controller.waiting_counts().items():
+            self.metrics.hot_groups_waiting.labels(reason).set(count)
 
     def retune(self, overrides: Mapping[str, object]) -> None:
         """New `hot_prefix` values for the running controller (a reload; module docstring)."""

@@ -20,7 +20,7 @@ from fake_lmcache import CPU, FakeLMCacheController
 from fake_upstream import TEST_DEFAULTS, FakeFactory, RouterFactory, eventually, metric, scrape
 
 from router.config import BackendConfig, ConfigError, RouterConfig, build_config
-from router.hot_prefix import HotPrefixParams
+from router.hot_prefix import WAITING_REASONS, HotPrefixParams
 from router.server import RouterServer
 from workers.emulator import EmulatedFleet
 from workers.emulator.replica import DEFAULT_MODEL
@@ -72,6 +72,9 @@ async def test_admin_migration_copies_the_prefix(http: aiohttp.ClientSession) ->
             assert metric(text, "router_migrations_total", outcome="started") == 1
             assert metric(text, "router_migrations_total", outcome="failed") == 0
             assert metric(text, "router_migration_bytes_total") > 0
+            # One series per reason a hot group can wait, none hot here (two requests are no hot group).
+            for reason in WAITING_REASONS:
+                assert f'router_hot_groups_waiting{{reason="{reason}"}} 0.0' in text
             async with http.get(router.url + "/admin/hot", headers=AUTH) as r:
                 hot = await r.json()
             (g,) = hot["groups"]

@@ -21,6 +21,7 @@ from router.hot_prefix import (
     POLICY_OWNED,
     RENAMED_PARAMS,
     TUNABLE_PARAMS,
+    WAITING_REASONS,
     HotPrefixController,
     HotPrefixParams,
     copy_min_tokens,
@@ -334,6 +335,8 @@ def test_budget_and_forbid() -> None:
     load(f, "a", 100, 0.0)
     assert len(c.tick(0.0, f)) == 1  # two hot groups, budget of one
     assert sorted(str(v.waiting_for) for v in c.groups(f, 0.0)) == ["None", "max_concurrent"]
+    counts = c.waiting_counts()
+    assert set(counts) == set(WAITING_REASONS) and counts["max_concurrent"] == 1 and sum(counts.values()) == 1
     assert c.tick(0.1, f) == []
     assert sorted(str(v.waiting_for) for v in c.groups(f, 0.1)) == ["in_flight", "max_concurrent"]
     (pending,) = c.in_flight
@@ -343,6 +346,7 @@ def test_budget_and_forbid() -> None:
         c.forbid(view.group)
     assert c.tick(5.0, f) == []
     assert [v.waiting_for for v in c.groups(f, 5.0)] == ["forbidden", "forbidden"]
+    assert c.waiting_counts()["forbidden"] == 2
     with pytest.raises(ValueError, match="forbidden"):
         c.plan_manual(view.group, "b", f, 5.0)
 
