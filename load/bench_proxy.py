@@ -57,13 +57,13 @@ from load.peers import (
     add_peer_arguments,
     check_answers,
     cpu_seconds,
-    free_port,
     kvrouter_target,
     last_line,
     peer_target,
     start_target,
     stop,
 )
+from workers.ports import free_port
 
 GOALS: dict[str, tuple[str, float]] = {
     "throughput_ratio": (">=", 0.7),

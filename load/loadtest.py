@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,16 +30,10 @@ from types import FrameType
 from typing import IO
 
 from load.check_locust import check
+from workers.ports import free_port
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 READY_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    """A port free on loopback now (the OS's pick; another process could take it before we bind)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bin(name: str) -> str:

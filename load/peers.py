@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from workers.ports import free_port
 
 READY_TIMEOUT_S = 60.0
 COMPLETIONS = "/v1/completions"
@@ -92,13 +93,6 @@ def add_peer_arguments(parser: Any, what: str | None = None) -> None:
         default=Path(".venv-peers"),
         help="virtual environment holding the peers' binaries (default .venv-peers)",
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def last_line(log: Path | None) -> str:

@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
+from workers.ports import free_port
+
 DEFAULT_BLOCK_SIZE = 32  # the CPU build's smallest (multiples of 32 only; vllm-interfaces.md)
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_TOPIC = "kv"
@@ -48,13 +49,6 @@ DEFAULT_TOPIC = "kv"
 # model on first start); 300 s leaves room for a loaded CI machine.
 DEFAULT_READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True, slots=True)
