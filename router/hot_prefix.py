@@ -525,14 +525,15 @@ class HotPrefixController:
         units = len(g.chain) * g.chunk_units
         text = g.source[:units] if isinstance(g.source, str) else None
         ids = g.source[:units] if isinstance(g.source, tuple) else None
-        plan = MigrationPlan(
+        # The id is taken only when the plan starts (`_start`): a plan held back leaves no gap in the ids.
+        return MigrationPlan(
             self._next_id, g.key, g.model, target, source, mechanism, g.chain, tokens, text, ids,
             est, nbytes, now, reason,
         )  # fmt: skip
-        self._next_id += 1
-        return plan
 
     def _start(self, plan: MigrationPlan, g: _Group, now: float) -> None:
+        assert plan.plan_id == self._next_id, "a plan starts right after it is made"
+        self._next_id += 1
         self._in_flight[plan.plan_id] = plan
         g.last_plan_at = now
         self.started += 1

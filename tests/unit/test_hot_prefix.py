@@ -390,6 +390,7 @@ def test_a_warmup_must_pay_for_its_own_prefill() -> None:
     load(f, "a", 40, 0.0)  # a now waits 0.15 s >= 0.01 + 0.256 / 2
     (plan,) = c.tick(0.0, f)
     assert (plan.mechanism, plan.target) == ("warmup", "b")
+    assert plan.plan_id == 1  # the plan held back at the first tick took no id
 
     f = fleet("a", "b")
     c = HotPrefixController(params())
