@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,30 +86,53 @@ async def test_warm_up_prefill_caches_the_prefix(target: Target) -> None:
     assert result["usage"]["prompt_tokens_details"]["cached_tokens"] == 4 * bs
 
 
-ABORT_ATTEMPTS = 3
+ABORT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """One attempt of the disconnect test: the metrics before and after, what was asked, and its timings."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    max_tokens: int
+    first_chunk_s: float  # from the request to its first chunk
+    close_to_idle_s: float  # from the close to nothing running
+
+    @property
+    def generated(self) -> float:
+        return self.after["vllm:generation_tokens_total"] - self.before["vllm:generation_tokens_total"]
 
 
 async def test_client_disconnect_aborts_the_request(target: Target) -> None:
     """A dropped stream stops generating. The engine generates at its own pace whatever the client reads,
-    so one attempt can end before the close reaches the server (the CPU engine once finished 4,000 tokens
-    while a starved client read its first two chunks): that attempt says nothing about aborts, and a fresh
-    one runs. A server that never aborts runs every attempt to its end and fails."""
+    so one attempt can end before the close reaches the server: on CI the CPU engine finished 4,000 tokens
+    while a client read its first two chunks, and here, with three busy loops beside it on the 2 cores,
+    vLLM 0.32's API server sent its 200 at once and the first chunk only with the last, 10 s later (its
+    output loop falls behind the engine and does not catch up). Such an attempt says nothing about aborts
+    and a fresh one runs. A server that never aborts runs every attempt to its end, or past the 10 s
+    deadline, and fails."""
     ran_to_end: list[str] = []
     for _ in range(ABORT_ATTEMPTS):
-        before, after, max_tokens, stopped_after = await _stream_then_close(target)
-        generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
-        if generated < max_tokens:
+        attempt = await _stream_then_close(target)
+        if attempt.generated < attempt.max_tokens:
             for reason in ("length", "stop"):
                 key = f"vllm:request_success_total/{reason}"
-                assert after.get(key, 0) == before.get(key, 0), "an aborted request is not a success"
+                assert attempt.after.get(key, 0) == attempt.before.get(key, 0), (
+                    "an aborted request is not a success"
+                )
             return
-        ran_to_end.append(f"{stopped_after:.1f} s")
-    raise AssertionError(f"every attempt ran to its end; seconds from each close to idle: {ran_to_end}")
+        ran_to_end.append(
+            f"first chunk {attempt.first_chunk_s:.1f} s, close to idle {attempt.close_to_idle_s:.1f} s"
+        )
+    raise AssertionError(f"every attempt ran to its end: {ran_to_end}")
 
 
-async def _stream_then_close(target: Target) -> tuple[dict[str, float], dict[str, float], int, float]:
-    """Start a long streamed answer, read two chunks, drop the connection, and wait until nothing runs:
-    the metrics before and after, the answer's max_tokens, and the seconds from the close to idle."""
+async def _stream_then_close(target: Target) -> StreamClosed:
+    """Start a long streamed answer, read its first chunk, drop the connection, and wait until nothing runs.
+    Nothing is asked of the server between the first chunk and the close: every request in between widens
+    the window in which a fast engine finishes the answer first (whether it did is the caller's question,
+    from the counters)."""
     prompt = await target.unique_prompt(target.block_size + 3)
     # As long an answer as the model allows (4,000 at most), for the widest window to close in.
     max_tokens = min(4000, target.max_model_len - len(prompt) - 1)
@@ -120,13 +144,12 @@ async def _stream_then_close(target: Target) -> tuple[dict[str, float], dict[str
         "stream": True,
         "ignore_eos": True,
     }
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
     resp = await target.session.post(f"{target.url}/v1/completions", json=body)
     assert resp.status == 200
-    for _ in range(2):  # two chunks: the request is running
-        assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
-    assert (await target.metrics())["vllm:num_requests_running"] >= 1
+    assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")  # it started
     resp.close()  # drop the connection mid-stream
-    loop = asyncio.get_running_loop()
     closed_at = loop.time()
     deadline = closed_at + 10
     while (await target.metrics())["vllm:num_requests_running"] > 0:
@@ -135,4 +158,4 @@ async def _stream_then_close(target: Target) -> tuple[dict[str, float], dict[str
     after = await target.metrics()
     if target.emulated:  # alone on its replica: nothing else holds blocks, so the abort freed them all
         assert after["vllm:kv_cache_usage_perc"] == 0.0
-    return before, after, max_tokens, loop.time() - closed_at
+    return StreamClosed(before, after, max_tokens, closed_at - sent_at, loop.time() - closed_at)
