@@ -17,11 +17,11 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from router import json_codec
 from router.errors import ProxyError, bad_request
 from router.index.chunking import hash_tokens
 from router.policies.base import RequestView, estimate_tokens, make_request
@@ -189,7 +189,7 @@ def _optional(body: Mapping[str, object], key: str, kind: type, what: str) -> ob
 def parse_body(raw: bytes, endpoint: Endpoint, session_header: str | None = None) -> ParsedRequest:
     """Parse and check one /v1/completions or /v1/chat/completions body (ProxyError 400 if bad)."""
     try:
-        body = json.loads(raw)
+        body = json_codec.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ProxyError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):

@@ -13,9 +13,10 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from router import json_codec
 
 _MARK = b'"prompt_tokens"'
 
@@ -48,7 +49,7 @@ def usage_from_body(body: bytes) -> Usage | None:
     if _MARK not in body:
         return None
     try:
-        return usage_from_object(json.loads(body))
+        return usage_from_object(json_codec.loads(body))
     except (ValueError, RecursionError):
         return None
 
@@ -78,7 +79,7 @@ class SSEUsageScanner:
         for line in chunk[:cut].split(b"\n"):
             if _MARK in line and line.startswith(b"data:"):
                 try:
-                    found = usage_from_object(json.loads(line[5:]))
+                    found = usage_from_object(json_codec.loads(line[5:]))
                 except (ValueError, RecursionError):
                     continue
                 if found is not None:
