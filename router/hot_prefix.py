@@ -645,10 +645,11 @@ class HotPrefixController:
         return list(self._in_flight.values())
 
     def groups(self, fleet: Fleet, now: float, top: int = 20) -> list[GroupView]:
-        """The `top` groups by request rate, hottest first."""
+        """The `top` groups by request rate, busiest first."""
+        for g in self._groups.values():  # every rate decayed to `now` first, so the ranking compares like
+            g.decay(now, self.params.half_life_s)
         out = []
         for g in sorted(self._groups.values(), key=lambda g: -g.request_rate)[:top]:
-            g.decay(now, self.params.half_life_s)
             out.append(
                 GroupView(
                     g.key,

@@ -9,7 +9,8 @@ Rules:
   migrations from `MIGRATION_OUTCOMES`, `reason` of tokenization failures from the tokenizer's
   `FAILURE_REASONS`, KV-event `type` from `EVENT_TYPES` and `reason` from `RESYNC_REASONS` /
   `SKIP_REASONS`, `reason` of hot groups waiting from `WAITING_REASONS`; `router_hot_groups` is a count,
-  with no per-group label.
+  with no per-group label; `router_top_group_*{rank,group}` hold the `TOP_GROUPS` busiest groups only,
+  their previous series removed at every controller tick.
 - Names follow Prometheus' conventions (what `promtool check metrics` checks): `router_` prefix,
   counters end in `_total`, units in the name (`_seconds`, `_tokens`).
 - Fleet-derived gauges (in-flight per replica, health, index entries) are set from the Fleet at
@@ -30,19 +31,22 @@ logical - physical is the tax: prefills the fleet recomputed although the prefix
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from router.fleet import Fleet
-from router.hot_prefix import WAITING_REASONS
+from router.hot_prefix import WAITING_REASONS, GroupView
 from router.index.event_indexer import EVENT_TYPES, SKIP_REASONS
 from router.index.seen import SeenChunks
 from router.tokenize import FAILURE_REASONS as TOKENIZE_FAILURE_REASONS
 
 RETRY_REASONS = ("connect_error", "upstream_5xx", "disconnected")
+# Busiest prefix groups exposed per top-group gauge (router_top_group_*): the hot-prefix issue's "top hot
+# groups, bounded cardinality"; the rest are in GET /admin/hot (20 of them).
+TOP_GROUPS = 5
 # TTFT through the router: from a few ms (cached, idle) to minutes (long prefills in a queue).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 MIGRATION_OUTCOMES = ("started", "completed", "failed")
@@ -196,6 +200,27 @@ class RouterMetrics:
             ),
             WAITING_REASONS,
         )
+        # The busiest groups, hot or not, refreshed every controller tick: at most TOP_GROUPS series each.
+        top = ["rank", "group"]
+        self.top_group_rate = Gauge(
+            "router_top_group_requests_per_second",
+            "Decayed request rate of the busiest prefix groups, by rank (1 = busiest) and group key "
+            "(as GET /admin/hot names it)",
+            top,
+            registry=r,
+        )
+        self.top_group_holders = Gauge(
+            "router_top_group_holders",
+            "Replicas the prefix index lists as holding each of the busiest groups",
+            top,
+            registry=r,
+        )
+        self.top_group_hot = Gauge(
+            "router_top_group_hot",
+            "1 if the hot-prefix controller marks the group hot, else 0",
+            top,
+            registry=r,
+        )
 
         # KV events (router/kv_subscriber.py); `replica` from the fleet, `type`/`reason` fixed sets.
         self.kv_event_batches = Counter(
@@ -268,6 +293,18 @@ class RouterMetrics:
         for name, state in fleet.replicas.items():
             self.replica_inflight.labels(name).set(state.inflight_requests)
             self.replica_healthy.labels(name).set(1 if state.available else 0)
+
+    def observe_top_groups(self, groups: Sequence[GroupView]) -> None:
+        """The top-group gauges for `groups`, busiest first (the controller's `groups(top=TOP_GROUPS)`);
+        the series of groups no longer among them go, so the exposition holds at most TOP_GROUPS each."""
+        gauges = (self.top_group_rate, self.top_group_holders, self.top_group_hot)
+        for gauge in gauges:
+            gauge.clear()
+        for rank, g in enumerate(groups[:TOP_GROUPS], start=1):
+            labels = (str(rank), str(g.group))
+            self.top_group_rate.labels(*labels).set(g.request_rate)
+            self.top_group_holders.labels(*labels).set(len(g.holders))
+            self.top_group_hot.labels(*labels).set(1 if g.hot else 0)
 
     def forget_replica(self, name: str) -> None:
         """Drop a removed replica's labelled series, so churn cannot grow the exposition."""

@@ -56,6 +56,7 @@ from router.hot_prefix import (
     MigrationPlan,
     idle_step_s,
 )
+from router.metrics import TOP_GROUPS
 from router.policies.kvaware import KvAwareParams
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class MigrationRunner:
         self.metrics.hot_groups.set(self.controller.hot_count())
         for reason, count in self.controller.waiting_counts().items():
             self.metrics.hot_groups_waiting.labels(reason).set(count)
+        self.metrics.observe_top_groups(self.controller.groups(self.fleet, self.clock(), top=TOP_GROUPS))
 
     def retune(self, overrides: Mapping[str, object]) -> None:
         """New `hot_prefix` values for the running controller (a reload; module docstring)."""

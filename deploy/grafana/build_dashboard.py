@@ -221,6 +221,20 @@ ROWS = (
                 ),
             ),
             Panel(
+                "Busiest prefix groups: requests per second",
+                (Query(f"max by (group) (router_top_group_requests_per_second{{{ROUTERS}}})", "{{group}}"),),
+                unit="reqps",
+                description="The five busiest prefix groups, by their keys as GET /admin/hot names them.",
+            ),
+            Panel(
+                "Busiest prefix groups: holders",
+                (
+                    Query(f"max by (group) (router_top_group_holders{{{ROUTERS}}})", "{{group}}"),
+                    Query(f"sum(router_top_group_hot{{{ROUTERS}}})", "hot among them"),
+                ),
+                description="Replicas holding each busy group; migrations add holders to hot groups.",
+            ),
+            Panel(
                 "Migrations",
                 (
                     Query(

@@ -208,6 +208,8 @@ WITH_DATA = {
     "Prefix-index entries",
     "KV events applied per second, by type",
     "Hot groups, and why they wait",
+    "Busiest prefix groups: requests per second",
+    "Busiest prefix groups: holders",
     "Requests waiting and running, by replica",
     "KV-cache usage, by replica",
     "Engine prefix-cache hit ratio, by replica",

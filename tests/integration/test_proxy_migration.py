@@ -221,6 +221,16 @@ async def test_detector_warms_a_peer_and_the_group_spreads(
             hot = await hot_view(http, router)
             group = next(g for g in hot["groups"] if g["prefix_tokens"] == len(HOT_PREFIX))
             assert sorted(group["holders"]) == ["r0", "r1"] and group["added_holders"] == [peer]
+            # The busiest group leads the top-group gauges under the key /admin/hot gives it; they follow
+            # the controller's ticks (every 50 ms here), so its second holder shows within a few.
+            top = {"rank": "1", "group": group["group"]}
+            for _ in range(100):
+                top_text = await scrape(http, router.url)
+                if metric(top_text, "router_top_group_holders", **top) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert metric(top_text, "router_top_group_holders", **top) == 2
+            assert metric(top_text, "router_top_group_requests_per_second", **top) > 1.0
             # Warm-up backends: the detector planned what ran, a warm-up, and no bytes were copied.
             runner = router.state.migration
             assert runner is not None

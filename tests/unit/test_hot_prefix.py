@@ -201,6 +201,22 @@ def test_rates_decay_and_prefix_is_the_common_prefix() -> None:
     assert g.request_rate == pytest.approx(math.log(2))  # one half-life later
 
 
+def test_groups_rank_by_the_rate_now_not_by_the_last_update() -> None:
+    c = HotPrefixController(params())  # half-life 1 s
+    f = fleet("a")
+    other = chars(2, 1024)
+    for _ in range(8):  # busy at 0 s, then silent
+        r = group_req()
+        c.observe_routed(r, Decision("a", 0, "x"), 0.0)
+    for _ in range(2):  # a little at 3 s
+        r = group_req(other)
+        c.observe_routed(r, Decision("a", 0, "x"), 3.0)
+    busy, quiet = c.groups(f, 3.0)
+    # 8 requests three half-lives ago weigh 1 now, 2 requests now weigh 2: the recent group leads.
+    assert busy.request_rate == pytest.approx(2 * math.log(2))
+    assert quiet.request_rate == pytest.approx(math.log(2))
+
+
 # -- detection and planning ------------------------------------------------------------------------
 
 

@@ -9,12 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.breaker import Breaker, BreakerState
 from router.errors import ProxyError
 from router.fleet import Fleet
 from router.forward import HOP_BY_HOP, filter_headers, route_excluding
+from router.hot_prefix import GroupView
 from router.index.seen import SeenChunks
+from router.metrics import TOP_GROUPS, RouterMetrics
 from router.openai_request import parse_body
 from router.policies.base import make_request
 from router.policies.registry import parse_policy_spec
@@ -150,6 +153,42 @@ def test_engine_metrics_are_summed_over_engines() -> None:
     assert parse_engine_metrics("nothing here\n").num_requests_waiting is None
     with pytest.raises(ValueError):
         parse_engine_metrics("vllm:num_requests_waiting{ broken\n")
+
+
+# -- the router's own metrics ---------------------------------------------------------------------------
+
+
+def _group(key: int, rate: float, holders: int, hot: bool) -> GroupView:
+    names = tuple(f"r{i}" for i in range(holders))
+    return GroupView(key, "m", rate, rate * 100, 1024, names, (), hot, False, (), None)
+
+
+def _top_series(metrics: RouterMetrics) -> dict[str, dict[tuple[str, str], float]]:
+    families = text_string_to_metric_families(metrics.render().decode())
+    return {
+        f.name: {(s.labels["rank"], s.labels["group"]): s.value for s in f.samples}
+        for f in families
+        if f.name.startswith("router_top_group_")
+    }
+
+
+def test_top_groups_keep_the_busiest_few_and_drop_the_others() -> None:
+    metrics = RouterMetrics()
+    busiest_first = [_group(100 + i, 10.0 - i, holders=1 + i % 3, hot=i == 0) for i in range(TOP_GROUPS + 2)]
+    metrics.observe_top_groups(busiest_first)
+    series = _top_series(metrics)
+    ranks = {(str(i + 1), str(100 + i)) for i in range(TOP_GROUPS)}
+    assert set(series) == {
+        "router_top_group_requests_per_second",
+        "router_top_group_holders",
+        "router_top_group_hot",
+    }
+    assert all(set(by_label) == ranks for by_label in series.values())  # bounded: TOP_GROUPS series each
+    assert series["router_top_group_requests_per_second"][("1", "100")] == 10.0
+    assert series["router_top_group_holders"][("3", "102")] == 3
+    assert series["router_top_group_hot"] == {r: float(r == ("1", "100")) for r in ranks}
+    metrics.observe_top_groups([_group(7, 1.0, holders=2, hot=True)])  # the next tick: one group left
+    assert all(set(by_label) == {("1", "7")} for by_label in _top_series(metrics).values())
 
 
 # -- request parsing ----------------------------------------------------------------------------------
