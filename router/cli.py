@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks that print ratios measured side by side in one run, and write JSON.",
     )
     bench_commands = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    from load import bench_index, bench_live, bench_proxy, bench_vllm
+    from load import bench_core, bench_index, bench_live, bench_proxy, bench_vllm
 
+    bench_core.register(bench_commands)
     bench_index.register(bench_commands)
     bench_proxy.register(bench_commands)
     bench_live.register(bench_commands)
