@@ -29,14 +29,15 @@ test: lint typecheck prometheus
 # Prometheus and promtool, Debian's package (2.42 on bookworm): tests/integration/test_deploy_prometheus.py
 # runs a real Prometheus on deploy/prometheus against a live router, and promtool checks the router's
 # /metrics. Installed when missing where apt-get can (root on Debian, as CI is); elsewhere those tests are
-# skipped and say so. Never fails the build: a machine without it still runs everything else.
+# skipped and say so. Never fails the build (each apt-get bounded at 5 min): a machine without it still runs
+# everything else.
 prometheus:
 	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		echo "make: installing Prometheus (apt-get install prometheus)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
-		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
+		timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+		|| { timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } \
 		|| echo "make: could not install Prometheus; its tests will be skipped" >&2; \
 	else echo "make: Prometheus is not installed (apt-get install prometheus); its tests will be skipped" >&2; fi
 
