@@ -8,6 +8,11 @@ One schema for `kvrouter sim` and `kvrouter bench live` (issue #3, #7):
 - `logical_hit_rate` is what an infinite cache shared by the whole fleet would have served: the
   ceiling any router could reach. Their gap is the amnesia tax.
 - `imbalance` is max/mean busy time over replicas (1.0 is perfect balance).
+- `ttft_step_floor_mean_s` (the simulator only: it sees the engines' steps) is the mean TTFT each request
+  would have had without queueing on the replica it was sent to: the rest of the engine step running
+  there when it arrived, plus the whole next step, the first that can schedule it. TTFT minus it is
+  queueing behind other requests' prefills (or for free KV); where the two are equal, the only way to a
+  lower TTFT is shorter steps, that is a smaller decode batch per replica, which the fleet's load sets.
 - Percentiles use the nearest-rank method on the completed requests.
 """
 
@@ -36,6 +41,7 @@ class RequestRecord:
     logical_cached_tokens: int
     expected_cached_tokens: int
     output_tokens: int
+    step_floor_s: float | None = None  # the simulator's: see `ttft_step_floor_mean_s` above
 
     @property
     def ttft_s(self) -> float:
@@ -90,6 +96,9 @@ def summarize(
         "imbalance": max(busy) / mean_busy if mean_busy > 0 else 1.0,
         "requests_per_replica": per_replica,
     }
+    floors = [r.step_floor_s for r in records if r.step_floor_s is not None]
+    if records and len(floors) == len(records):
+        figures["ttft_step_floor_mean_s"] = _mean(floors)
     if settle_s is not None:
         figures.update(settled_figures(records, settle_s))
     return figures
@@ -151,6 +160,8 @@ TABLE_COLUMNS = (
     ("throughput_tok_s", "out tok/s", "{:,.0f}"),
     ("imbalance", "imbalance", "{:.2f}"),
 )
+# Shown after the TTFT mean where the results carry it (the simulator's).
+FLOOR_COLUMN = ("ttft_step_floor_mean_s", "step floor s", "{:.3f}")
 # Shown after those where the results carry them (`--settle S`); "{settle}" is S.
 SETTLED_COLUMNS = (
     ("ttft_mean_settled_s", "mean after {settle} s", "{:.3f}"),
@@ -159,12 +170,16 @@ SETTLED_COLUMNS = (
 
 
 def table_columns(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """TABLE_COLUMNS, then the settled columns when any result has them."""
+    """TABLE_COLUMNS (with the step floor after the TTFT mean when any result has it), then the
+    settled columns when any result has them."""
+    columns = list(TABLE_COLUMNS)
+    if any(FLOOR_COLUMN[0] in f for f in results.values()):
+        columns.insert(columns.index(TABLE_COLUMNS[2]) + 1, FLOOR_COLUMN)
     settle = next((f["settle_s"] for f in results.values() if "settle_s" in f), None)
     if settle is None:
-        return list(TABLE_COLUMNS)
+        return columns
     settled = [(key, title.format(settle=f"{settle:g}"), fmt) for key, title, fmt in SETTLED_COLUMNS]
-    return [*TABLE_COLUMNS, *settled]
+    return [*columns, *settled]
 
 
 def format_table(

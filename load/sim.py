@@ -141,6 +141,11 @@ class Simulation:
         self._busy: dict[str, bool] = dict.fromkeys(self.engines, False)
         self._pending: dict[str, tuple[PreparedRequest, str, int]] = {}  # id -> (req, replica, expected)
         self._first_token_at: dict[str, float] = {}
+        # The step floor (load/report.py, `ttft_step_floor_mean_s`): when each replica's running step
+        # ends, the requests that arrived during it (their floor so far: its rest), and their floors.
+        self._step_end: dict[str, float] = dict.fromkeys(self.engines, 0.0)
+        self._awaiting_step: dict[str, list[str]] = {name: [] for name in self.engines}
+        self._step_floor: dict[str, float] = {}
         self.result = SimResult(policy_spec, busy_s=dict.fromkeys(self.engines, 0.0))
         # The controller runs only for kvaware with migration on (the switch its params carry); it is
         # read off the policy's params, the one place the spec's parameters live.
@@ -233,6 +238,11 @@ class Simulation:
             self.result.rejected += 1
             return
         self._pending[src.request_id] = (prepared, decision.replica, decision.expected_cached_tokens)
+        # Its floor starts with the rest of the step running there (none on an idle engine); the next
+        # step to start there adds its whole length (_start_step).
+        busy = self._busy[decision.replica]
+        self._step_floor[src.request_id] = self._step_end[decision.replica] - now if busy else 0.0
+        self._awaiting_step[decision.replica].append(src.request_id)
         if not self._busy[decision.replica]:
             self._start_step(decision.replica, now)
 
@@ -244,6 +254,11 @@ class Simulation:
         step = engine.step(now)
         self.result.steps += 1
         self.result.busy_s[name] += step.duration
+        self._step_end[name] = step.end
+        awaiting = self._awaiting_step[name]
+        for request_id in awaiting:
+            self._step_floor[request_id] += step.duration
+        awaiting.clear()
         self._busy[name] = True
         self._push(step.end, _STEP_END, (name, step))
 
@@ -274,6 +289,7 @@ class Simulation:
                     logical_cached_tokens=prepared.logical_cached_tokens,
                     expected_cached_tokens=min(expected, fin.prompt_tokens),
                     output_tokens=fin.completion_tokens,
+                    step_floor_s=self._step_floor.pop(fin.request_id),
                 )
             )
             finished += 1

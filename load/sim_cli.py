@@ -13,7 +13,10 @@ serve): they generate the very same requests and give the simulated router what 
 the same --settle on both sides, the settled TTFT mean and p99 too) and refuses a live run of other
 requests.
 Besides the shared schema each policy gets `metrics_hit_rate`: the engines' prefix-cache counters
-(hits / queries, what a replica's /metrics reports, and what bench live's `hit_rate` reads).
+(hits / queries, what a replica's /metrics reports, and what bench live's `hit_rate` reads), and
+`ttft_step_floor_mean_s` (the `step floor s` column): the mean TTFT without queueing, each request's
+rest of the step running on its replica at arrival plus the next step (load/report.py); TTFT above it
+is queueing, TTFT equal to it can only drop with shorter steps.
 """
 
 from __future__ import annotations
