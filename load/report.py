@@ -174,7 +174,8 @@ def table_columns(results: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, s
     settled columns when any result has them."""
     columns = list(TABLE_COLUMNS)
     if any(FLOOR_COLUMN[0] in f for f in results.values()):
-        columns.insert(columns.index(TABLE_COLUMNS[2]) + 1, FLOOR_COLUMN)
+        after_mean = next(i for i, (key, _, _) in enumerate(columns) if key == "ttft_mean_s") + 1
+        columns.insert(after_mean, FLOOR_COLUMN)
     settle = next((f["settle_s"] for f in results.values() if "settle_s" in f), None)
     if settle is None:
         return columns

@@ -243,7 +243,7 @@ class Simulation:
         busy = self._busy[decision.replica]
         self._step_floor[src.request_id] = self._step_end[decision.replica] - now if busy else 0.0
         self._awaiting_step[decision.replica].append(src.request_id)
-        if not self._busy[decision.replica]:
+        if not busy:
             self._start_step(decision.replica, now)
 
     def _start_step(self, name: str, now: float) -> None:

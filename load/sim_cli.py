@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         figures["metrics_hit_rate"] = sum(m.prefix_cache_hits for m in metrics) / queries if queries else 0.0
         figures["sim_wall_s"] = round(time.perf_counter() - t0, 2)
         figures["engine_steps"] = outcome.steps
+        figures["engine_busy_s"] = sum(outcome.busy_s.values())  # / engine_steps: the mean step
         if sim.controller is not None:
             outcomes = [o for _, _, o in outcome.migrations]
             figures["migrations_completed"] = outcomes.count("completed")

@@ -5,11 +5,14 @@ next step. TTFT never goes below it; it equals it where nothing queues; it is sh
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 from load.report import format_table, summarize
 from load.sim import SimConfig, SimResult, Simulation, prepare
 from load.workloads import make_workload
+from router.cli import main
 from workers.engine import get_preset
 
 PRESET = get_preset("llama-8b-h100")
@@ -60,3 +63,15 @@ def test_the_column_appears_after_the_ttft_mean_only_where_results_have_it() -> 
     live = summarize(live_records, result.busy_s, makespan_s=result.makespan_s)
     assert "ttft_step_floor_mean_s" not in live
     assert "step floor" not in format_table({"least_load": live})
+
+
+def test_kvrouter_sim_writes_the_floor_and_the_engines_busy_time(tmp_path: Path) -> None:
+    # The figures the docs derive the mean step from (engine_busy_s / engine_steps) come from the CLI.
+    out = tmp_path / "sim.json"
+    args = ["sim", "--workload", "shared-prefix", "--replicas", "2", "--requests", "40", "--rate", "20"]
+    assert main([*args, "--policies", "round_robin,kvaware", "--json", str(out)]) == 0
+    for figures in json.loads(out.read_text())["results"].values():
+        assert 0 < figures["ttft_step_floor_mean_s"] <= figures["ttft_mean_s"] + 1e-12
+        assert figures["engine_steps"] > 0
+        # Every request computes at least one prefill step, and steps are never shorter than base_s.
+        assert figures["engine_busy_s"] >= figures["engine_steps"] * PRESET.base_s - 1e-9
