@@ -1,12 +1,14 @@
 """`make loadtest` shortened, and `kvrouter bench live` end to end.
 
 The load test starts `kvrouter emulate` and `kvrouter serve` as subprocesses and Locust as a third
-(gevent must never share a process with the router), for 5 seconds on loopback ports.
+(gevent must never share a process with the router; distributed, a master and its workers), for a
+few seconds on loopback ports.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
 import subprocess
@@ -20,21 +22,79 @@ from load.loadtest import run_loadtest
 KVROUTER = [sys.executable, "-m", "router.cli"]
 
 
-@pytest.mark.skipif(
+needs_locust = pytest.mark.skipif(
     shutil.which("locust", path=str(Path(sys.executable).parent)) is None, reason="make setup installs locust"
 )
+
+
+@needs_locust
 def test_loadtest_runs_locust_headless_with_ttft_rows_and_no_failures(tmp_path: Path) -> None:
     code = run_loadtest(tmp_path, duration_s=5.0, users=5, replicas=2)
     logs = {p.name: p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log")}
     assert code == 0, logs
-    with (tmp_path / "locust_stats.csv").open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["Name"] != "Aggregated"]
+    rows = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
     assert sum(int(r["Failure Count"]) for r in rows) == 0
     ttft = {r["Name"]: int(r["Request Count"]) for r in rows if r["Type"] == "TTFT"}
-    assert ttft and sum(ttft.values()) > 0, rows
+    # Five users over the five user classes: one each, every workload answered.
+    assert set(ttft) == {"shared-prefix", "multi-turn", "agentic", "rag", "hot-prefix"}, rows
+    assert all(count > 0 for count in ttft.values()), ttft
     kinds = {r["Type"] for r in rows}
     assert {"POST", "TTFT", "ITL", "E2E", "PROMPT_TOKENS", "CACHED_TOKENS"} <= kinds
     assert (tmp_path / "locust.html").exists()
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _users_over_time(out: Path) -> list[int]:
+    """The user count Locust sampled each second (its stats history) while users ran: from the first
+    user on, up to the stop (the shape's end, after which the count falls back to 0)."""
+    history = _rows(out / "locust_stats_history.csv")
+    counts = [int(r["User Count"]) for r in history if r["Name"] == "Aggregated"]
+    running = list(itertools.dropwhile(lambda c: c == 0, counts))
+    return list(itertools.takewhile(lambda c: c > 0, running))
+
+
+@needs_locust
+def test_loadtest_distributed_master_and_workers_with_a_step_shape(tmp_path: Path) -> None:
+    """`--workers 2 --shape step`: the master runs the LoadTestShape and writes the CSVs, the users run in
+    two worker processes (the locustfile unchanged), and the user count climbs in steps to the peak."""
+    code = run_loadtest(tmp_path, duration_s=6.0, users=5, replicas=2, workers=2, shape="step")
+    master_log = (tmp_path / "locust.log").read_text(errors="replace")
+    assert code == 0, master_log[-3000:]
+    assert "2 workers connected" in master_log and "to 2 ready workers" in master_log, master_log[-3000:]
+    rows = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
+    assert sum(int(r["Failure Count"]) for r in rows) == 0
+    assert sum(int(r["Request Count"]) for r in rows if r["Type"] == "TTFT") > 0, rows
+    users = _users_over_time(tmp_path)
+    assert users == sorted(users) and users[0] < 5 and max(users) == 5, users  # 2, 4, 5: steps of 2 s
+
+
+@needs_locust
+def test_loadtest_ramp_shape_climbs_then_holds(tmp_path: Path) -> None:
+    code = run_loadtest(tmp_path, duration_s=6.0, users=4, replicas=1, shape="ramp")
+    assert code == 0, (tmp_path / "locust.log").read_text(errors="replace")[-3000:]
+    users = _users_over_time(tmp_path)
+    # One more user every 0.75 s over the first 3 s, then all 4 until the shape ends the run.
+    assert users == sorted(users) and users[0] < 4 and users[-1] == 4 and users.count(4) >= 2, users
+
+
+@needs_locust
+def test_loadtest_fails_on_failed_requests_and_names_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every replica answers 500 (`--fault error_rate=1`): each POST is a Locust failure with the router's
+    answer as its reason, no TTFT row is written, and the load test exits 1."""
+    code = run_loadtest(tmp_path, duration_s=3.0, users=5, replicas=2, faults=["error_rate=1"])
+    assert code == 1
+    failures = _rows(tmp_path / "locust_failures.csv")
+    assert failures and all(r["Error"].startswith("CatchResponseError('HTTP 5") for r in failures), failures
+    stats = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
+    assert not [r for r in stats if r["Type"] == "TTFT" and int(r["Request Count"])], stats
+    printed = capsys.readouterr().out
+    assert "FAIL: no TTFT row" in printed and "failed requests" in printed and "HTTP 5" in printed, printed
 
 
 def test_bench_live_writes_the_sim_schema_with_live_extras(tmp_path: Path) -> None:

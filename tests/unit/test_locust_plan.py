@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from load.check_locust import check
+from load.loadtest import shape_env
 from load.locust_plan import LocustSettings, RequestPool, SessionPool, StreamMeter, generate, shape_tick
 
 
@@ -97,6 +98,20 @@ def test_settings_from_env_and_errors() -> None:
 def test_shape_tick(shape: str | None, t: float, expected: tuple[int, float] | None) -> None:
     settings = LocustSettings(shape=shape, users=20, step_users=5, step_s=10.0, duration_s=60.0)  # type: ignore[arg-type]
     assert shape_tick(settings, t) == expected
+
+
+@pytest.mark.parametrize(("users", "duration_s"), [(1, 4.0), (5, 6.0), (10, 20.0), (13, 60.0)])
+def test_loadtest_shape_env_steps_to_every_user_by_the_last_quarter(users: int, duration_s: float) -> None:
+    step = LocustSettings.from_env(shape_env("step", users, duration_s))
+    assert (step.shape, step.users, step.duration_s) == ("step", users, duration_s)
+    counts = [shape_tick(step, t / 10) for t in range(int(duration_s * 10))]
+    assert all(c is not None for c in counts) and shape_tick(step, duration_s) is None
+    users_over_time = [c[0] for c in counts if c is not None]
+    assert users_over_time == sorted(users_over_time)
+    assert users_over_time[0] < users or users == 1
+    assert shape_tick(step, duration_s * 0.75)[0] == users  # type: ignore[index]
+    ramp = LocustSettings.from_env(shape_env("ramp", users, duration_s))
+    assert shape_tick(ramp, duration_s / 2)[0] == users  # type: ignore[index]
 
 
 HEADER = (
