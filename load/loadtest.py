@@ -144,6 +144,7 @@ def locust_argvs(
          "--expect-workers", str(workers), "--expect-workers-max-wait", f"{READY_TIMEOUT_S:g}"]
         if workers else []
     )  # fmt: skip
+    # A master logs at INFO: its log then says which workers connected and quit (one line each).
     headless = [
         locust, "-f", str(LOCUSTFILE), "--headless", "--only-summary", *load, "--stop-timeout", "5",
         "--host", router_url, "--csv", str(prefix), "--html", str(prefix.with_name("locust.html")),
