@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,9 @@ def test_loadtest_runs_locust_headless_with_ttft_rows_and_no_failures(tmp_path: 
     assert all(count > 0 for count in ttft.values()), ttft
     kinds = {r["Type"] for r in rows}
     assert {"POST", "TTFT", "ITL", "E2E", "PROMPT_TOKENS", "CACHED_TOKENS"} <= kinds
-    assert (tmp_path / "locust.html").exists()
+    html = (tmp_path / "locust.html").read_text(errors="replace")
+    for kind in ("TTFT", "ITL", "E2E", "PROMPT_TOKENS", "CACHED_TOKENS"):  # the custom events, in the report
+        assert re.search(rf'"method":\s*"{kind}"', html), kind
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
