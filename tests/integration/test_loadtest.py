@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,53 @@ def test_loadtest_fails_on_failed_requests_and_names_them(
     assert not [r for r in stats if r["Type"] == "TTFT" and int(r["Request Count"])], stats
     printed = capsys.readouterr().out
     assert "FAIL: no TTFT row" in printed and "failed requests" in printed and "HTTP 5" in printed, printed
+
+
+def _metric(text: str, name: str) -> float | None:
+    found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+def _crash_replica_mid_stream(out: Path, index: int, stop: threading.Event) -> None:
+    """Crash replica `index` of the load test's fleet (its `crash` fault) while it is streaming: once it
+    has generated 30 tokens, fewer than one answer's 300, so none of its answers is over and the ones
+    those tokens went to are past their first bytes, where the router cannot retry."""
+    url = None
+    while url is None and not stop.wait(0.05):
+        log = out / "emulator.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        url = next((line.split()[2] for line in lines if line.startswith(f"replica {index} ")), None)
+    while url is not None and not stop.wait(0.01):
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=1.0) as resp:
+                metrics = resp.read().decode()
+        except OSError:
+            continue
+        if (_metric(metrics, "vllm:generation_tokens_total") or 0) >= 30:
+            body = json.dumps({"crash": True}).encode()
+            urllib.request.urlopen(urllib.request.Request(url + "/kvrouter/faults", data=body), timeout=2.0)
+            return
+
+
+@needs_locust
+def test_loadtest_fails_on_streams_cut_mid_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica dies while streaming (300-token answers: streams of a second or two): the router
+    ends each cut stream with its error chunk, Locust counts those POSTs as failures with that reason,
+    the other users' requests keep being answered by the other replica, and the load test exits 1."""
+    monkeypatch.setenv("KVROUTER_LOCUST_MAX_TOKENS", "300")
+    stop = threading.Event()
+    crasher = threading.Thread(target=_crash_replica_mid_stream, args=(tmp_path, 1, stop), daemon=True)
+    crasher.start()
+    try:
+        code = run_loadtest(tmp_path, duration_s=6.0, users=5, replicas=2)
+    finally:
+        stop.set()
+        crasher.join(timeout=5)
+    assert code == 1
+    failures = _rows(tmp_path / "locust_failures.csv")
+    assert any("upstream_stream_interrupted" in r["Error"] for r in failures), failures
+    stats = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
+    assert sum(int(r["Request Count"]) for r in stats if r["Type"] == "TTFT") > 0, stats
 
 
 def test_bench_live_writes_the_sim_schema_with_live_extras(tmp_path: Path) -> None:
