@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from load.check_locust import AGGREGATED, read_stats
 from load.loadtest import run_loadtest
+from load.replica_metrics import parse_replica_metrics
 
 KVROUTER = [sys.executable, "-m", "router.cli"]
 
@@ -35,13 +37,13 @@ def test_loadtest_runs_locust_headless_with_ttft_rows_and_no_failures(tmp_path: 
     code = run_loadtest(tmp_path, duration_s=5.0, users=5, replicas=2)
     logs = {p.name: p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log")}
     assert code == 0, logs
-    rows = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
-    assert sum(int(r["Failure Count"]) for r in rows) == 0
-    ttft = {r["Name"]: int(r["Request Count"]) for r in rows if r["Type"] == "TTFT"}
+    rows = [r for r in read_stats(tmp_path / "locust_stats.csv") if r.name != AGGREGATED]
+    assert sum(r.failures for r in rows) == 0
+    ttft = {r.name: r.count for r in rows if r.type == "TTFT"}
     # Five users over the five user classes: one each, every workload answered.
     assert set(ttft) == {"shared-prefix", "multi-turn", "agentic", "rag", "hot-prefix"}, rows
     assert all(count > 0 for count in ttft.values()), ttft
-    kinds = {r["Type"] for r in rows}
+    kinds = {r.type for r in rows}
     assert {"POST", "TTFT", "ITL", "E2E", "PROMPT_TOKENS", "CACHED_TOKENS"} <= kinds
     html = (tmp_path / "locust.html").read_text(errors="replace")
     for kind in ("TTFT", "ITL", "E2E", "PROMPT_TOKENS", "CACHED_TOKENS"):  # the custom events, in the report
@@ -57,7 +59,7 @@ def _users_over_time(out: Path) -> list[int]:
     """The user count Locust sampled each second (its stats history) while users ran: from the first
     user on, up to the stop (the shape's end, after which the count falls back to 0)."""
     history = _rows(out / "locust_stats_history.csv")
-    counts = [int(r["User Count"]) for r in history if r["Name"] == "Aggregated"]
+    counts = [int(r["User Count"]) for r in history if r["Name"] == AGGREGATED]
     running = list(itertools.dropwhile(lambda c: c == 0, counts))
     return list(itertools.takewhile(lambda c: c > 0, running))
 
@@ -70,9 +72,9 @@ def test_loadtest_distributed_master_and_workers_with_a_step_shape(tmp_path: Pat
     master_log = (tmp_path / "locust.log").read_text(errors="replace")
     assert code == 0, master_log[-3000:]
     assert "2 workers connected" in master_log and "to 2 ready workers" in master_log, master_log[-3000:]
-    rows = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
-    assert sum(int(r["Failure Count"]) for r in rows) == 0
-    assert sum(int(r["Request Count"]) for r in rows if r["Type"] == "TTFT") > 0, rows
+    rows = [r for r in read_stats(tmp_path / "locust_stats.csv") if r.name != AGGREGATED]
+    assert sum(r.failures for r in rows) == 0
+    assert sum(r.count for r in rows if r.type == "TTFT") > 0, rows
     users = _users_over_time(tmp_path)
     assert users == sorted(users) and users[0] < 5 and max(users) == 5, users  # 2, 4, 5: steps of 2 s
 
@@ -96,15 +98,10 @@ def test_loadtest_fails_on_failed_requests_and_names_them(
     assert code == 1
     failures = _rows(tmp_path / "locust_failures.csv")
     assert failures and all(r["Error"].startswith("CatchResponseError('HTTP 5") for r in failures), failures
-    stats = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
-    assert not [r for r in stats if r["Type"] == "TTFT" and int(r["Request Count"])], stats
+    stats = [r for r in read_stats(tmp_path / "locust_stats.csv") if r.name != AGGREGATED]
+    assert not [r for r in stats if r.type == "TTFT" and r.count], stats
     printed = capsys.readouterr().out
     assert "FAIL: no TTFT row" in printed and "failed requests" in printed and "HTTP 5" in printed, printed
-
-
-def _metric(text: str, name: str) -> float | None:
-    found = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+]+)", text, re.MULTILINE)
-    return float(found.group(1)) if found else None
 
 
 def _crash_replica_mid_stream(out: Path, index: int, stop: threading.Event) -> None:
@@ -122,7 +119,7 @@ def _crash_replica_mid_stream(out: Path, index: int, stop: threading.Event) -> N
                 metrics = resp.read().decode()
         except OSError:
             continue
-        if (_metric(metrics, "vllm:generation_tokens_total") or 0) >= 30:
+        if parse_replica_metrics(metrics).generation_tokens >= 30:
             body = json.dumps({"crash": True}).encode()
             urllib.request.urlopen(urllib.request.Request(url + "/kvrouter/faults", data=body), timeout=2.0)
             return
@@ -145,8 +142,8 @@ def test_loadtest_fails_on_streams_cut_mid_answer(tmp_path: Path, monkeypatch: p
     assert code == 1
     failures = _rows(tmp_path / "locust_failures.csv")
     assert any("upstream_stream_interrupted" in r["Error"] for r in failures), failures
-    stats = [r for r in _rows(tmp_path / "locust_stats.csv") if r["Name"] != "Aggregated"]
-    assert sum(int(r["Request Count"]) for r in stats if r["Type"] == "TTFT") > 0, stats
+    stats = [r for r in read_stats(tmp_path / "locust_stats.csv") if r.name != AGGREGATED]
+    assert sum(r.count for r in stats if r.type == "TTFT") > 0, stats
 
 
 def test_bench_live_writes_the_sim_schema_with_live_extras(tmp_path: Path) -> None:
